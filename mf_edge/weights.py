@@ -1,0 +1,177 @@
+"""Weights: find them (Hugging Face Hub cache or a path), read them, map their layout, load them.
+
+Two layouts are understood: the official ``sail-sg/metaformer`` one (the contract of this package's
+parameter names) and timm's ``metaformer.py`` one, which ``mf_edge.layouts`` translates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mf_edge.console import note
+from mf_edge.errors import UserError
+from mf_edge.layouts import detect_layout, official_to_timm, timm_to_official
+from mf_edge.models.zoo import ModelInfo
+
+StateDict = dict[str, torch.Tensor]
+
+
+def cache_dir() -> Path:
+    """Where downloaded checkpoints live (``$MF_EDGE_CACHE``, else the Hugging Face Hub cache)."""
+    env = os.environ.get("MF_EDGE_CACHE")
+    if env:
+        return Path(env)
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return Path(HF_HUB_CACHE)
+
+
+def download_official(info: ModelInfo) -> Path:
+    """Fetch ``info``'s checkpoint through huggingface_hub (reusing the cache), official file first.
+
+    Falls back to timm's safetensors when the official file is unavailable. Offline, with nothing
+    cached, raises one ``UserError`` naming ``--weights PATH`` and ``--weights random``.
+    """
+    from huggingface_hub import hf_hub_download
+
+    attempts: list[tuple[str, str]] = [(info.hub_repo, info.hub_file)]
+    if info.timm_hub_id:
+        attempts.append((f"timm/{info.timm_hub_id}", "model.safetensors"))
+    errors = []
+    for repo_id, filename in attempts:
+        try:
+            return Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=cache_dir()))
+        except Exception as exc:  # network, auth, missing file: try the next source
+            errors.append(f"{repo_id}/{filename}: {type(exc).__name__}")
+    raise UserError(
+        f"could not download the ImageNet weights of {info.name} ({'; '.join(errors)}). "
+        f"Download {info.official_url} yourself and pass --weights PATH, or use --weights random."
+    )
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """Read a ``.safetensors`` or ``.pth`` checkpoint, unwrapping ``model`` / ``state_dict`` wrappers."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; pass an existing file to --weights.")
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; pass the checkpoint file itself to --weights.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise UserError(
+            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:120]}); "
+            "download it again or pass another file to --weights."
+        ) from None
+    for key in ("model", "state_dict", "model_state", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint {path} holds no state dict of tensors; is it a MetaFormer checkpoint?")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def to_official_layout(state_dict: StateDict) -> StateDict:
+    """Return ``state_dict`` in the official layout, translating timm's names if needed."""
+    return timm_to_official(state_dict) if detect_layout(state_dict) == "timm" else dict(state_dict)
+
+
+def checkpoint_num_classes(state_dict: StateDict) -> int | None:
+    """Number of classes of an official-layout state dict's classifier, if it has one."""
+    for key in ("head.fc2.weight", "head.weight"):
+        if key in state_dict:
+            return int(state_dict[key].shape[0])
+    return None
+
+
+def check_compatible(model: nn.Module, state_dict: StateDict, source: str) -> None:
+    """Raise ``UserError`` naming missing, unexpected and mis-shaped keys, if any."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = sorted(
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state_dict)
+        if state_dict[k].shape != expected[k].shape
+    )
+    if not (missing or unexpected or misshaped):
+        return
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+            parts.append(f"{len(keys)} {label}: {shown}")
+    raise UserError(
+        f"checkpoint {source} does not fit this architecture ({'; '.join(parts)}). "
+        "Is it for another model? Check the model name or pass the matching checkpoint."
+    )
+
+
+def resolve_weights(info: ModelInfo, weights: str | Path) -> Path | None:
+    """The checkpoint file that ``weights`` designates (``None`` for ``"random"``)."""
+    if str(weights) == "random":
+        return None
+    if str(weights) == "imagenet":
+        return download_official(info)
+    return Path(weights)
+
+
+def load_checkpoint(info: ModelInfo, weights: str | Path) -> tuple[StateDict, Path]:
+    """Read the checkpoint ``weights`` designates, in the official layout."""
+    path = resolve_weights(info, weights)
+    if path is None:
+        raise ValueError("random weights have no checkpoint")
+    return to_official_layout(read_state_dict(path)), path
+
+
+def load_into(model: nn.Module, state_dict: StateDict, source: str) -> None:
+    """Strictly load an official-layout ``state_dict`` into ``model`` after checking every key."""
+    check_compatible(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True)
+    note(f"loaded weights from {source}")
+
+
+def save_state_dict(model: nn.Module, path: str | Path, layout: str = "official") -> Path:
+    """Save ``model``'s weights in the ``official`` or ``timm`` layout (``.safetensors`` or ``.pth``)."""
+    path = Path(path)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if layout == "timm":
+        state = official_to_timm(state)
+    elif layout != "official":
+        raise UserError(f"unknown layout {layout!r}; use 'official' or 'timm'.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp))
+    else:
+        torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file (or of every file under a folder, in sorted order)."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
