@@ -1,0 +1,42 @@
+"""Shared fixtures: the CIFAR-10 JPEGs from ../shared/data (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``.../cifar10`` with ``train/`` and ``test/`` ImageFolder trees, extracted once per session."""
+    if not CIFAR_TARBALL.exists():
+        pytest.skip(f"CIFAR-10 data not found at {CIFAR_TARBALL} (../shared is only beside dev and CI clones)")
+    cache = Path(os.environ.get("MF_EDGE_TEST_DATA", tmp_path_factory.getbasetemp() / "data"))
+    root = cache / "cifar10"
+    if not (root / "test").is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(CIFAR_TARBALL) as tar:
+            tar.extractall(cache, filter="data")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar10_small(cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small ImageFolder (``train/`` 20 per class, ``val/`` 10 per class) linked from CIFAR-10."""
+    out = tmp_path_factory.mktemp("cifar10_small")
+    for split, source, count in (("train", "train", 20), ("val", "test", 10)):
+        for class_dir in sorted((cifar10_root / source).iterdir()):
+            target = out / split / class_dir.name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (target / image.name).symlink_to(image)
+    return out
