@@ -6,6 +6,7 @@ import importlib
 import sys
 
 import typer
+from rich.markup import escape
 
 from mf_edge.console import console
 from mf_edge.errors import UserError
@@ -18,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMAND_MODULES = ("models",)
+COMMAND_MODULES = ("models", "engine")
 
 
 @app.callback()
@@ -37,5 +38,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="mf-edge")
     except UserError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

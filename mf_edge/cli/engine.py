@@ -1,0 +1,98 @@
+"""``mf-edge engine build`` / ``mf-edge engine run``: TensorRT engines, built and run on the device itself."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mf_edge.cli import app
+from mf_edge.converters.tensorrt import DEFAULT_MAX_BATCH, TensorRTRuntime, build_engine, plan_engine
+from mf_edge.errors import UserError
+
+engine_app = typer.Typer(help="Build and run TensorRT engines (on the NVIDIA device that will run them).",
+                         no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
+
+
+@engine_app.command("build")
+def build_command(
+    onnx: Path = typer.Argument(..., help="The model.onnx written by `mf-edge convert --target tensorrt`."),
+    precision: str = typer.Option("fp16", "--precision", help="fp16, int8 (needs a Q/DQ ONNX) or fp32."),
+    workspace: int = typer.Option(None, "--workspace", help="Builder workspace limit in MiB (default: "
+                                  "TensorRT's, the whole device memory)."),
+    timing_cache: Path = typer.Option(None, "--timing-cache", help="Timing cache file, read if present and "
+                                      "updated: rebuilds on the same device get faster."),
+    max_batch: int = typer.Option(None, "--max-batch", help="Largest batch of a dynamic-batch ONNX "
+                                  f"(default {DEFAULT_MAX_BATCH})."),
+    output: Path = typer.Option(None, "--output", "-o", help="Engine path (default: beside the ONNX, "
+                                ".engine)."),
+) -> None:
+    """Build a TensorRT engine from a TensorRT-ready ONNX on this GPU."""
+    plan = plan_engine(onnx, precision, workspace, timing_cache, max_batch)
+    target = output or onnx.with_suffix(".engine")
+    facts = build_engine(plan, target)
+    Console().print(f"built {target} ({facts['size_bytes'] / 2**20:.1f} MiB, {precision}, TensorRT "
+                    f"{facts['tensorrt_version']} on {facts['device']}) in {facts['build_seconds']} s")
+
+
+@engine_app.command("run")
+def run_command(
+    engine: Path = typer.Argument(..., help="A model.engine built on this device."),
+    images: list[Path] = typer.Argument(None, help="Images to classify."),
+    random: bool = typer.Option(False, "--random", help="Run a random batch instead of images."),
+    repeat: int = typer.Option(10, "--repeat", help="Timed runs of the batch (after one warm-up)."),
+    top: int = typer.Option(5, "--top", help="How many classes to print per image."),
+) -> None:
+    """Run a TensorRT engine on images (or a random batch) and print the top classes and latency."""
+    if not engine.is_file():
+        raise UserError(f"{engine} does not exist; build it with `mf-edge engine build model.onnx`.")
+    if bool(images) == random:
+        raise UserError("give either IMAGE paths or --random (not both, not neither).")
+    runtime = TensorRTRuntime(engine)
+    batch_size = runtime.fixed_batch or 1
+    if random:
+        names = [f"random[{i}]" for i in range(batch_size)]
+        shape = (batch_size, *runtime.input_shape[1:])
+        batch = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    else:
+        names, batch = [str(p) for p in images], _image_batch(images, runtime.input_shape[-1])
+    logits = runtime.run(batch)
+    timings = []
+    for _ in range(max(1, repeat)):
+        started = time.perf_counter()
+        runtime.run(batch)
+        timings.append(time.perf_counter() - started)
+    _print_top(names, logits, top)
+    Console().print(f"latency for {len(batch)} image(s): median {np.median(timings) * 1e3:.2f} ms "
+                    f"over {len(timings)} runs")
+
+
+def _image_batch(images: list[Path], image_size: int) -> np.ndarray:
+    """Images -> the ImageNet eval transform at ``image_size`` -> normalised float32 batch."""
+    from mf_edge.data import load_images
+
+    return load_images(images, image_size)
+
+
+def _print_top(names: list[str], logits: np.ndarray, top: int) -> None:
+    labels = _labels(logits.shape[1])
+    table = Table(title="top classes")
+    for column in ("input", "rank", "class", "logit"):
+        table.add_column(column)
+    for name, row in zip(names, logits, strict=False):
+        for rank, index in enumerate(np.argsort(-row)[:top], start=1):
+            table.add_row(name if rank == 1 else "", str(rank), labels[index] if labels else str(index),
+                          f"{row[index]:.3f}")
+    Console().print(table)
+
+
+def _labels(num_classes: int) -> list[str] | None:
+    from mf_edge.converters.coreml import class_labels
+
+    labels = class_labels(num_classes)
+    return [str(label) for label in labels] if num_classes == 1000 else None
