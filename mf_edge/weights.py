@@ -7,12 +7,14 @@ parameter names) and timm's ``metaformer.py`` one, which ``mf_edge.layouts`` tra
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-import pickle
-import zipfile
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mf_edge.console import note
@@ -33,23 +35,39 @@ def cache_dir() -> Path:
     return Path(HF_HUB_CACHE)
 
 
-def download_official(info: ModelInfo) -> Path:
-    """Fetch ``info``'s checkpoint through huggingface_hub (reusing the cache), official file first.
+def hub_sources(info: ModelInfo) -> list[tuple[str, str]]:
+    """``(repo_id, filename)`` of ``info``'s ImageNet weights: the official file, then timm's copy."""
+    sources = [(info.hub_repo, info.hub_file)]
+    if info.timm_hub_id:
+        sources.append((f"timm/{info.timm_hub_id}", "model.safetensors"))
+    return sources
 
-    Falls back to timm's safetensors when the official file is unavailable. Offline, with nothing
-    cached, raises one ``UserError`` naming ``--weights PATH`` and ``--weights random``.
+
+def download_official(info: ModelInfo) -> Path:
+    """Fetch ``info``'s checkpoint through huggingface_hub: the cache first, then the Hub.
+
+    The official file is preferred, timm's safetensors is the fallback. ``HF_ENDPOINT`` (a mirror)
+    is honoured when set. Offline with nothing cached, raises one ``UserError`` naming
+    ``--weights PATH`` and ``--weights random``.
     """
     from huggingface_hub import hf_hub_download
 
-    attempts: list[tuple[str, str]] = [(info.hub_repo, info.hub_file)]
-    if info.timm_hub_id:
-        attempts.append((f"timm/{info.timm_hub_id}", "model.safetensors"))
-    errors = []
-    for repo_id, filename in attempts:
+    sources = hub_sources(info)
+    for repo_id, filename in sources:  # a cached copy needs no network at all
         try:
-            return Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=cache_dir()))
-        except Exception as exc:  # network, auth, missing file: try the next source
+            return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir(), local_files_only=True))
+        except (OSError, ValueError):
+            continue
+    errors = []
+    for repo_id, filename in sources:
+        try:
+            path = hf_hub_download(repo_id, filename, cache_dir=cache_dir(),
+                                   endpoint=os.environ.get("HF_ENDPOINT") or None)
+        except (OSError, ValueError) as exc:  # offline, no route, missing file, refused
             errors.append(f"{repo_id}/{filename}: {type(exc).__name__}")
+            continue
+        note(f"downloaded {repo_id}/{filename} into {cache_dir()}")
+        return Path(path)
     raise UserError(
         f"could not download the ImageNet weights of {info.name} ({'; '.join(errors)}). "
         f"Download {info.official_url} yourself and pass --weights PATH, or use --weights random."
@@ -65,12 +83,10 @@ def read_state_dict(path: str | Path) -> StateDict:
         raise UserError(f"checkpoint {path} is a folder; pass the checkpoint file itself to --weights.")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             obj = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # a damaged pickle can fail in any way (KeyError, struct.error, ...)
         raise UserError(
             f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:120]}); "
             "download it again or pass another file to --weights."
@@ -113,10 +129,21 @@ def check_compatible(model: nn.Module, state_dict: StateDict, source: str) -> No
         if keys:
             shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
             parts.append(f"{len(keys)} {label}: {shown}")
-    raise UserError(
-        f"checkpoint {source} does not fit this architecture ({'; '.join(parts)}). "
-        "Is it for another model? Check the model name or pass the matching checkpoint."
-    )
+    hint = _random_matrix_hint(state_dict, misshaped) or (
+        "Is it for another model? Check the model name or pass the matching checkpoint.")
+    raise UserError(f"checkpoint {source} does not fit this architecture ({'; '.join(parts)}). {hint}")
+
+
+def _random_matrix_hint(state_dict: StateDict, misshaped: list[str]) -> str | None:
+    """For RandFormer matrices of another token count: the image size the checkpoint was made for."""
+    for entry in misshaped:
+        key = entry.split()[0]
+        match = re.match(r"^stages\.(\d+)\..*random_matrix$", key)
+        if match:
+            side = math.isqrt(state_dict[key].shape[0]) * 2 ** (int(match.group(1)) + 2)
+            return (f"RandFormer's frozen random_matrix is sized by the token count: this checkpoint needs "
+                    f"image_size={side} (--image-size {side}).")
+    return None
 
 
 def resolve_weights(info: ModelInfo, weights: str | Path) -> Path | None:
@@ -128,19 +155,43 @@ def resolve_weights(info: ModelInfo, weights: str | Path) -> Path | None:
     return Path(weights)
 
 
-def load_checkpoint(info: ModelInfo, weights: str | Path) -> tuple[StateDict, Path]:
-    """Read the checkpoint ``weights`` designates, in the official layout."""
+class Checkpoint(NamedTuple):
+    """A checkpoint read from disk, translated to the official layout."""
+
+    state_dict: StateDict
+    path: Path
+    layout: str  # the layout the file was written in: "official" or "timm"
+
+
+def load_checkpoint(info: ModelInfo, weights: str | Path) -> Checkpoint:
+    """Read the checkpoint ``weights`` designates (``"imagenet"`` or a path), in the official layout."""
     path = resolve_weights(info, weights)
     if path is None:
         raise ValueError("random weights have no checkpoint")
-    return to_official_layout(read_state_dict(path)), path
+    state_dict = read_state_dict(path)
+    layout = detect_layout(state_dict)
+    return Checkpoint(to_official_layout(state_dict), path, layout)
 
 
 def load_into(model: nn.Module, state_dict: StateDict, source: str) -> None:
-    """Strictly load an official-layout ``state_dict`` into ``model`` after checking every key."""
+    """Strictly load an official-layout ``state_dict`` into ``model`` after checking every key.
+
+    The tensors are assigned, so ``model`` may be built on the ``meta`` device; floats become float32.
+    """
     check_compatible(model, state_dict, source)
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict({k: _own_storage(v) for k, v in state_dict.items()}, strict=True, assign=True)
     note(f"loaded weights from {source}")
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as float32 in 64-byte aligned memory, copied only when it is not already.
+
+    safetensors hands out views into one file buffer at arbitrary offsets; kernels take other code
+    paths on unaligned data and the logits then move in the last bit from one load to the next.
+    """
+    if tensor.is_floating_point() and tensor.dtype != torch.float32:
+        return tensor.float()
+    return tensor.clone() if tensor.data_ptr() % 64 else tensor
 
 
 def save_state_dict(model: nn.Module, path: str | Path, layout: str = "official") -> Path:
@@ -154,8 +205,6 @@ def save_state_dict(model: nn.Module, path: str | Path, layout: str = "official"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         save_file(state, str(tmp))
     else:
         torch.save(state, tmp)

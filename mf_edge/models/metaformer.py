@@ -111,7 +111,7 @@ class MetaFormer(nn.Module):
                 for i in range(1, 4)
             ]
         )
-        rates = torch.linspace(0, drop_path_rate, sum(config.depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(config.depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         cursor = 0
         for i, (depth, dim) in enumerate(zip(config.depths, dims, strict=True)):
