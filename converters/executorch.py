@@ -1,0 +1,109 @@
+"""ExecuTorch target: ``torch.export`` -> XNNPACK-lowered edge program -> ``model.pte``.
+
+``prepare`` rewrites the model so XNNPACK takes every op (``xnnpack_rewrites``); ``export`` lowers
+with ``to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()])`` and records the
+delegation coverage; ``runtime`` loads the program with ``executorch.runtime.Runtime``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from mf_edge.console import step
+from mf_edge.converters.base import ExportResult
+from mf_edge.converters.program import Float16Model, export_program
+from mf_edge.converters.xnnpack_rewrites import rewrite_for_xnnpack
+from mf_edge.errors import RuntimeUnavailable, UserError
+from mf_edge.spec import ExportSpec
+
+ARTIFACT = "model.pte"
+# Graph nodes that are bookkeeping, not operators: tuple access of a delegate's outputs.
+NOT_OPERATORS = ("getitem", "executorch_call_delegate")
+
+
+def delegation_coverage(graph_module: nn.Module) -> dict:
+    """Operators inside XNNPACK delegates vs outside, from the lowered edge graph."""
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    delegated: Counter[str] = Counter()
+    outside: Counter[str] = Counter()
+    subgraphs = 0
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr" and isinstance(getattr(graph_module, node.target), LoweredBackendModule):
+            subgraphs += 1
+            lowered = getattr(graph_module, node.target)
+            delegated.update(_op_name(n) for n in lowered.original_module.graph.nodes
+                             if n.op == "call_function" and _op_name(n) not in NOT_OPERATORS)
+        elif node.op == "call_function" and _op_name(node) not in NOT_OPERATORS:
+            outside[_op_name(node)] += 1
+    total = sum(delegated.values()) + sum(outside.values())
+    return {
+        "backend": "XnnpackBackend",
+        "delegated_subgraphs": subgraphs,
+        "delegated_ops": sum(delegated.values()),
+        "non_delegated_ops": sum(outside.values()),
+        "coverage": sum(delegated.values()) / total if total else 1.0,
+        "non_delegated": dict(sorted(outside.items())),
+    }
+
+
+def _op_name(node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+class ExecuTorchRuntime:
+    """A ``.pte`` program loaded in the ExecuTorch runtime (XNNPACK kernels registered)."""
+
+    name = "executorch"
+
+    def __init__(self, path: Path) -> None:
+        try:
+            from executorch.runtime import Runtime
+        except ImportError as exc:
+            raise RuntimeUnavailable(f"the ExecuTorch runtime is not installed ({exc}); "
+                                     "pip install executorch.") from None
+        if not path.is_file():
+            raise UserError(f"{path} does not exist; convert the model to ExecuTorch first.")
+        self._method = Runtime.get().load_program(path).load_method("forward")
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        outputs = self._method.execute([torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))])
+        return outputs[0].numpy()
+
+
+class ExecuTorchTarget:
+    name = "executorch"
+    precisions = ("fp32", "fp16", "int8", "w8")
+    default_precision = "fp32"
+    artifact = ARTIFACT
+
+    def prepare(self, model: nn.Module, spec: ExportSpec) -> nn.Module:
+        """A copy of the float model whose every op XNNPACK delegates (before quantization)."""
+        return rewrite_for_xnnpack(model)
+
+    def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+
+        module = Float16Model(model) if spec.precision == "fp16" else model
+        with step("torch.export"):
+            program = export_program(module, spec)
+        with step("lowering to XNNPACK"):
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            coverage = delegation_coverage(edge.exported_program().graph_module)
+            executorch_program = edge.to_executorch()
+        path = out_dir / ARTIFACT
+        path.write_bytes(executorch_program.buffer)
+        return ExportResult([path], {"delegation": coverage, "method": "forward"})
+
+    def runtime(self, out_dir: Path, spec: ExportSpec) -> ExecuTorchRuntime:
+        return ExecuTorchRuntime(Path(out_dir) / ARTIFACT)
+
+
+TARGET = ExecuTorchTarget()

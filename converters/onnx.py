@@ -1,0 +1,97 @@
+"""ONNX target: ``torch.onnx.export(dynamo=True)`` -> onnxsim -> ``onnx.checker`` -> ``model.onnx``.
+
+The graph has one input ``image`` (normalised float32 NCHW, static batch unless ``dynamic_batch``)
+and one output ``logits``; ``runtime`` runs it in onnxruntime on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from mf_edge.console import step
+from mf_edge.converters.base import ExportResult
+from mf_edge.converters.program import Float16Model, example_batch, export_program
+from mf_edge.errors import RuntimeUnavailable, UserError
+from mf_edge.spec import ExportSpec
+
+ARTIFACT = "model.onnx"
+OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+def simplify(model, spec: ExportSpec):
+    """onnxsim's constant folding and shape simplification, checked on a test shape of the spec."""
+    import onnxsim
+
+    shape = list(example_batch(spec).shape)
+    simplified, ok = onnxsim.simplify(model, test_input_shapes={INPUT_NAME: shape})
+    if not ok:
+        raise RuntimeError("onnxsim could not validate the simplified graph against the original")
+    return simplified
+
+
+class OnnxRuntime:
+    """A ``.onnx`` model in an onnxruntime CPU session."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise RuntimeUnavailable(f"onnxruntime is not installed ({exc}); "
+                                     "pip install onnxruntime.") from None
+        if not path.is_file():
+            raise UserError(f"{path} does not exist; convert the model to ONNX first.")
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+class OnnxTarget:
+    name = "onnx"
+    precisions = ("fp32", "fp16", "int8", "w8")
+    default_precision = "fp32"
+    artifact = ARTIFACT
+
+    def prepare(self, model: nn.Module, spec: ExportSpec) -> nn.Module:
+        """ONNX takes the float model as it is."""
+        return model
+
+    def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
+        import onnx
+        import torch
+
+        module = Float16Model(model) if spec.precision == "fp16" else model
+        with step("torch.export"):
+            program = export_program(module, spec)
+        with step(f"ONNX opset {OPSET}"):
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=OPSET,
+                                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                             optimize=True, verbose=False)
+            exported = onnx_program.model_proto
+        with step("onnxsim"):
+            simplified = simplify(exported, spec)
+            onnx.checker.check_model(simplified, full_check=True)
+        path = out_dir / ARTIFACT
+        onnx.save(simplified, str(path))
+        ops = Counter(node.op_type for node in simplified.graph.node)
+        return ExportResult([path], {
+            "opset": OPSET, "ir_version": simplified.ir_version, "nodes": len(simplified.graph.node),
+            "nodes_before_simplify": len(exported.graph.node), "op_types": dict(sorted(ops.items())),
+            "input": INPUT_NAME, "output": OUTPUT_NAME,
+        })
+
+    def runtime(self, out_dir: Path, spec: ExportSpec) -> OnnxRuntime:
+        return OnnxRuntime(Path(out_dir) / ARTIFACT)
+
+
+TARGET = OnnxTarget()

@@ -1,0 +1,144 @@
+"""Export-time rewrites that let XNNPACK take the whole MetaFormer graph.
+
+XNNPACK's partitioner leaves some ops of the reference model outside its delegates (see
+``executorch/backends/xnnpack/partition/config``):
+
+- ``native_layer_norm`` has no XNNPACK config at all (every LayerNorm of ConvFormer/CAFormer, the
+  final norm and the head norm);
+- ``mean.dim`` is only taken over dims ``(2, 3)`` of a 4D tensor with ``keepdim=True`` (the
+  "modified LayerNorm" over ``(H, W, C)`` and the final ``mean((1, 2))`` pooling are not);
+- ``expand_copy`` and ``squeeze_copy`` have no config (``matmul`` broadcasting in RandFormer's
+  mixing and CAFormer's attention, ``unbind`` of the stacked q/k/v);
+- a ``view_copy`` with a symbolic size is refused (dynamic batch): reshapes here use ``-1``.
+
+``rewrite_for_xnnpack`` returns a copy of the model computing the same function from the same
+parameters with only delegable ops; parity against the original float model covers it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mf_edge.models.layers import Attention, LayerNormGeneral, LayerNormWithoutBias, RandomMixing
+
+
+def mean_trailing(x: torch.Tensor, num_dims: int) -> torch.Tensor:
+    """Mean over the last ``num_dims`` dims (keepdim) as a global average pool over a 4D view."""
+    reduced = math.prod(x.shape[-num_dims:])
+    rows = math.prod(x.shape[1:-num_dims]) if x.dim() > num_dims + 1 else 1
+    pooled = x.reshape(-1, rows, reduced, 1).mean((2, 3), keepdim=True)
+    return pooled.reshape((-1, *x.shape[1:-num_dims], *([1] * num_dims)))
+
+
+class DecomposedLayerNorm(nn.Module):
+    """LayerNorm over the last ``num_dims`` dims from sub/mul/rsqrt and 4D means.
+
+    ``weight`` and ``bias`` are shared with the module it replaces and broadcast over the last
+    dim (the channels), as in the reference modules.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, eps: float, num_dims: int) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.eps = eps
+        self.num_dims = num_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - mean_trailing(x, self.num_dims)
+        var = mean_trailing(centred * centred, self.num_dims)
+        x = centred * torch.rsqrt(var + self.eps) * self.weight
+        return x + self.bias if self.bias is not None else x
+
+
+class LinearRandomMixing(nn.Module):
+    """RandFormer's mixing ``M @ x`` written as ``linear(x^T, M)^T``: no broadcast ``expand``."""
+
+    def __init__(self, source: RandomMixing) -> None:
+        super().__init__()
+        self.random_matrix = source.random_matrix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h, w, c = x.shape
+        tokens = x.reshape(-1, h * w, c).transpose(1, 2)
+        mixed = F.linear(tokens, self.random_matrix).transpose(1, 2)
+        return mixed.reshape(-1, h, w, c)
+
+
+class BmmAttention(nn.Module):
+    """CAFormer's attention with separate q/k/v projections (rows of the qkv weight) and 3D ``bmm``s."""
+
+    def __init__(self, source: Attention) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = source.num_heads, source.head_dim, source.scale
+        inner = self.num_heads * self.head_dim
+        for i, name in enumerate(("q", "k", "v")):
+            linear = nn.Linear(source.qkv.in_features, inner, bias=False)
+            linear.weight = nn.Parameter(source.qkv.weight.detach()[i * inner:(i + 1) * inner].clone())
+            setattr(self, name, linear)
+        self.proj = source.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h, w, _ = x.shape
+        n, heads, head_dim = h * w, self.num_heads, self.head_dim
+        q = self.q(x).reshape(-1, n, heads, head_dim).permute(0, 2, 1, 3).reshape(-1, n, head_dim)
+        k = self.k(x).reshape(-1, n, heads, head_dim).permute(0, 2, 3, 1).reshape(-1, head_dim, n)
+        v = self.v(x).reshape(-1, n, heads, head_dim).permute(0, 2, 1, 3).reshape(-1, n, head_dim)
+        attn = torch.softmax(torch.bmm(q, k) * self.scale, dim=-1)
+        out = torch.bmm(attn, v).reshape(-1, heads, n, head_dim).permute(0, 2, 1, 3)
+        return self.proj(out.reshape(-1, h, w, heads * head_dim))
+
+
+class GlobalPoolMetaFormer(nn.Module):
+    """The MetaFormer forward with the final token mean as a channels-first global average pool.
+
+    Holds the source model's submodules under the same names, so parameter names are unchanged.
+    """
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        self.downsample_layers, self.stages = source.downsample_layers, source.stages
+        self.norm, self.head = source.norm, source.head
+        for attr in ("mf_edge_info", "mf_edge_weights", "num_classes"):
+            if hasattr(source, attr):
+                setattr(self, attr, getattr(source, attr))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
+            x = stage(downsample(x))
+        pooled = x.permute(0, 3, 1, 2).mean((2, 3), keepdim=True).flatten(1)
+        return self.head(self.norm(pooled))
+
+
+def _replacement(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, LayerNormGeneral):
+        dims = sorted(d % 4 for d in module.normalized_dim)
+        trailing = len(dims) if dims == list(range(4 - len(dims), 4)) else None
+        return DecomposedLayerNorm(module.weight, module.bias, module.eps, trailing) if trailing else None
+    if isinstance(module, LayerNormWithoutBias):
+        return DecomposedLayerNorm(module.weight, None, module.eps, 1)
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return DecomposedLayerNorm(module.weight, module.bias, module.eps, 1)
+    if isinstance(module, RandomMixing):
+        return LinearRandomMixing(module)
+    if isinstance(module, Attention):
+        return BmmAttention(module)
+    return None
+
+
+def rewrite_for_xnnpack(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose every op XNNPACK delegates; ``model`` itself is left untouched."""
+    rewritten = copy.deepcopy(model)
+    for name, module in list(rewritten.named_modules()):
+        replacement = _replacement(module)
+        if replacement is not None and name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(rewritten.get_submodule(parent_name), child, replacement)
+    if hasattr(rewritten, "forward_features") and hasattr(rewritten, "downsample_layers"):
+        rewritten = GlobalPoolMetaFormer(rewritten)
+    return rewritten.eval()

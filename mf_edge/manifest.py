@@ -1,0 +1,115 @@
+"""``manifest.json``: what an output folder holds, how it was made and how its input is prepared.
+
+The manifest is the contract of an output folder: ``mf-edge parity``/``predict``/``bench`` and the
+standalone ``apps/classify`` demo read the model, weights, spec and preprocessing back from it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+from mf_edge.errors import UserError
+from mf_edge.spec import ExportSpec, Preprocessing
+
+MANIFEST = "manifest.json"
+PARITY = "parity.json"
+LABELS = "labels.txt"
+FORMAT = "mf-edge-manifest/1"
+TOOLS = ("mf-edge", "torch", "torchvision", "executorch", "torchao", "coremltools", "onnx", "onnxruntime",
+         "onnxscript", "onnxsim", "tensorrt", "numpy")
+
+
+def tool_versions() -> dict[str, str | None]:
+    """Installed versions of the tools an artifact depends on (``None`` when absent), and Python's."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def file_facts(out_dir: Path) -> dict[str, dict]:
+    """Size and sha256 of each entry of ``out_dir`` but the manifest (an ``.mlpackage`` is one entry)."""
+    from mf_edge.weights import sha256_file
+
+    facts = {}
+    for entry in sorted(out_dir.iterdir()):
+        if entry.name in (MANIFEST,):
+            continue
+        size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file()) if entry.is_dir() \
+            else entry.stat().st_size
+        facts[entry.name] = {"bytes": size, "sha256": sha256_file(entry)}
+    return facts
+
+
+def preprocessing_dict(prep: Preprocessing) -> dict:
+    """The eval transform in words and numbers, enough to reimplement it without PyTorch."""
+    return {"resize_shorter_side": prep.resize_size, "center_crop": prep.image_size,
+            "interpolation": prep.interpolation, "crop_pct": prep.crop_pct, "scale": 1 / 255,
+            "mean": list(prep.mean), "std": list(prep.std), "color": "RGB", "layout": "NCHW"}
+
+
+def build_manifest(spec: ExportSpec, model_facts: dict, weights: dict, target: str, artifact: str,
+                   details: dict, parity: dict, out_dir: Path, quantization: dict | None = None,
+                   labels: str | None = None) -> dict:
+    """The manifest of the output folder ``out_dir`` (files already written, parity already run)."""
+    return {
+        "format": FORMAT,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": model_facts,
+        "weights": weights,
+        "target": target,
+        "precision": spec.precision,
+        "artifact": artifact,
+        "input": spec.to_dict()["input"],
+        "output": {"name": "logits", "shape": [spec.batch_size, spec.num_classes], "dtype": "float32"},
+        "preprocessing": preprocessing_dict(spec.preprocessing),
+        "labels": labels,
+        "spec": spec.to_dict(),
+        "quantization": quantization,
+        "tools": tool_versions(),
+        "files": file_facts(out_dir),
+        "parity": parity_summary(parity),
+        "details": details,
+    }
+
+
+def parity_summary(report: dict) -> dict:
+    """The manifest's copy of a parity report: status, reason, runtime and each reference's metrics."""
+    references = {name: r["metrics"] | {"passed": r["passed"]} for name, r in report["references"].items()}
+    return {"status": report["status"], "reason": report["reason"], "runtime": report["runtime"],
+            "references": references}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    """The manifest of an output folder; a missing or corrupt one raises ``UserError``."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{out_dir} has no {MANIFEST}; pass an output folder written by `mf-edge convert`.")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); convert the model again.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not an mf-edge manifest ({FORMAT}); convert the model again.")
+    return manifest
+
+
+def spec_from_manifest(manifest: dict) -> ExportSpec:
+    """The ``ExportSpec`` an output folder was made with."""
+    data = dict(manifest["spec"])
+    data.pop("input", None)
+    prep = data.pop("preprocessing")
+    prep = Preprocessing(prep["image_size"], prep["crop_pct"], prep["interpolation"], tuple(prep["mean"]),
+                         tuple(prep["std"]))
+    return ExportSpec(**data, preprocessing=prep)

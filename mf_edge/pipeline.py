@@ -1,0 +1,195 @@
+"""The one path every artifact takes: model -> quantize -> export -> verify -> publish.
+
+Each step is one function, so ``convert`` and the commands that enter the path elsewhere
+(``parity`` and ``predict`` on a published folder, ``calibrate``, ``bench``) share them:
+
+1. ``load_model``   the float PyTorch model (``create_model``)
+2. ``quantize``     target rewrite (``Target.prepare``), then PTQ for int8/w8
+                    (``mf_edge.calibration.quantize_for_export``)
+3. ``export``       ``Target.export`` into a staging folder
+4. ``verify``       the artifact in its own runtime vs the references -> ``parity.json``
+5. ``publish``      ``manifest.json``, then an atomic move into the output folder
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from mf_edge import parity as parity_lib
+from mf_edge.console import note, step
+from mf_edge.converters import ExportResult, Target, get_target
+from mf_edge.data import ParityInputs, parity_inputs
+from mf_edge.errors import RuntimeUnavailable, UserError
+from mf_edge.labels import IMAGENET_1K, labels_for
+from mf_edge.manifest import LABELS, MANIFEST, PARITY, build_manifest, write_json
+from mf_edge.publish import check_output, staged_output
+from mf_edge.spec import ExportSpec
+
+DEFAULT_OUTPUT_ROOT = Path("mf-edge-out")
+QUANTIZED_PRECISIONS = ("int8", "w8")
+
+
+@dataclass
+class Quantized:
+    """What the quantize step hands to export: the module to export and the parity references."""
+
+    module: nn.Module
+    references: dict[str, nn.Module]
+    details: dict | None = None
+
+
+@dataclass
+class Conversion:
+    """A published conversion: the output folder, its manifest and parity report."""
+
+    output: Path
+    manifest: dict
+    parity: dict = field(repr=False)
+
+    @property
+    def artifact(self) -> Path:
+        return self.output / self.manifest["artifact"]
+
+
+def load_model(name: str, weights: str | Path = "imagenet", image_size: int | None = None, seed: int = 0,
+               num_classes: int | None = None) -> nn.Module:
+    """Step 1: the float model in eval mode (``weights``: ``imagenet``, ``random`` or a checkpoint path)."""
+    from mf_edge.models import create_model
+
+    return create_model(name, weights=weights, image_size=image_size, seed=seed, num_classes=num_classes)
+
+
+def resolve_precision(target: Target, precision: str | None) -> str:
+    """The requested precision, or the target's default; an unsupported one is a ``UserError``."""
+    precision = precision or target.default_precision
+    if precision not in target.precisions:
+        raise UserError(f"the {target.name} target supports {', '.join(target.precisions)}, not "
+                        f"{precision!r}; pick one with --precision.")
+    return precision
+
+
+def make_spec(model: nn.Module, target: Target, precision: str | None = None, image_size: int | None = None,
+              batch_size: int = 1, dynamic_batch: bool = False, options: dict | None = None) -> ExportSpec:
+    """The ``ExportSpec`` of one request: checked shape and precision, the model's preprocessing."""
+    info = model.mf_edge_info
+    return ExportSpec.for_model(info, image_size=image_size, batch_size=batch_size,
+                                dynamic_batch=dynamic_batch, precision=resolve_precision(target, precision),
+                                num_classes=getattr(model, "num_classes", None), **(options or {}))
+
+
+def quantize(model: nn.Module, spec: ExportSpec, target: Target,
+             ptq_options: dict | None = None) -> Quantized:
+    """Step 2: the target's export-time rewrite, then PTQ for ``int8``/``w8``.
+
+    References for parity: the original float model, plus the PTQ simulation when quantized.
+    """
+    prepare = getattr(target, "prepare", None)
+    prepared = prepare(model, spec) if prepare is not None else model
+    if spec.precision not in QUANTIZED_PRECISIONS:
+        return Quantized(prepared, {"float": model})
+    try:
+        from mf_edge.calibration import quantize_for_export
+    except ImportError:
+        raise UserError(f"{spec.precision} export needs post-training quantization, which this install "
+                        "lacks (mf_edge.calibration.quantize_for_export); use --precision fp32 or "
+                        "fp16.") from None
+    result = quantize_for_export(prepared, spec, dict(ptq_options or {}))
+    return Quantized(result.module, {"float": model, "simulated": result.simulated}, result.details)
+
+
+def export(target: Target, module: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
+    """Step 3: the target writes its artifact into ``out_dir``."""
+    return target.export(module, spec, out_dir)
+
+
+def verify(target: Target, out_dir: Path, spec: ExportSpec, references: dict[str, nn.Module],
+           inputs: ParityInputs) -> dict:
+    """Step 4: run the artifact in its own runtime and compare with every reference (parity report).
+
+    A runtime this host lacks gives a ``not run`` report with the reason, never a pass.
+    """
+    try:
+        runtime = target.runtime(out_dir, spec)
+        with step(f"parity on {len(inputs.names)} images ({runtime.name})"):
+            logits = {name: parity_lib.reference_logits(module, inputs.batch)
+                      for name, module in references.items()}
+            return parity_lib.evaluate(runtime, inputs, logits, spec.precision, spec.batch_size,
+                                       spec.dynamic_batch)
+    except RuntimeUnavailable as exc:
+        return parity_lib.not_run(str(exc), spec.precision, inputs)
+
+
+def model_facts(model: nn.Module, spec: ExportSpec) -> dict:
+    """The manifest's ``model`` entry."""
+    info = model.mf_edge_info
+    return {"name": info.name, "arch": info.arch, "family": info.family, "pretrain": info.pretrain,
+            "num_classes": spec.num_classes, "image_size": spec.image_size,
+            "labels": info.labels if spec.num_classes == info.num_classes else "custom"}
+
+
+def publish(staging: Path, model: nn.Module, spec: ExportSpec, target: Target, result: ExportResult,
+            report: dict, quantization: dict | None) -> dict:
+    """Step 5 (inside the staging folder): labels, ``parity.json`` and ``manifest.json``.
+
+    ``staged_output`` then moves the folder into place atomically.
+    """
+    labels = labels_for(spec.num_classes)
+    if labels is not None:
+        (staging / LABELS).write_text("\n".join(labels) + "\n")
+    write_json(staging / PARITY, report)
+    manifest = build_manifest(spec, model_facts(model, spec), model.mf_edge_weights, target.name,
+                              target.artifact, result.details, report, staging, quantization,
+                              {"set": IMAGENET_1K, "file": LABELS} if labels is not None else None)
+    write_json(staging / MANIFEST, manifest)
+    return manifest
+
+
+def default_output(spec: ExportSpec, target: Target) -> Path:
+    """``./mf-edge-out/<model>-<target>-<precision>``."""
+    return DEFAULT_OUTPUT_ROOT / f"{spec.model}-{target.name}-{spec.precision}"
+
+
+def convert(
+    model: str | nn.Module,
+    target: str,
+    precision: str | None = None,
+    weights: str | Path = "imagenet",
+    image_size: int | None = None,
+    batch_size: int = 1,
+    dynamic_batch: bool = False,
+    images: str | Path | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    seed: int = 0,
+    target_options: dict | None = None,
+    ptq_options: dict | None = None,
+) -> Conversion:
+    """Convert ``model`` (a zoo name, or a model from ``create_model``) for ``target`` and verify it.
+
+    Writes ``<output>/{artifact, manifest.json, parity.json}`` atomically (default output:
+    ``mf-edge-out/<model>-<target>-<precision>``). Parity below the precision's thresholds raises
+    ``ParityFailure`` and publishes nothing; a runtime absent here records ``not run``.
+    """
+    chosen = get_target(target)
+    if isinstance(model, str):
+        float_model = load_model(model, weights, image_size=image_size, seed=seed)
+    else:
+        float_model = model.eval()
+        if not hasattr(float_model, "mf_edge_info"):
+            raise UserError("convert() needs a model made by mf_edge.create_model (it carries the model's "
+                            "metadata); pass the model's name instead.")
+    spec = make_spec(float_model, chosen, precision, image_size, batch_size, dynamic_batch, target_options)
+    destination = check_output(Path(output) if output else default_output(spec, chosen), force)
+    inputs = parity_inputs(spec, images)
+    with staged_output(destination, force) as staging:
+        quantized = quantize(float_model, spec, chosen, ptq_options)
+        result = export(chosen, quantized.module, spec, staging)
+        report = verify(chosen, staging, spec, quantized.references, inputs)
+        parity_lib.raise_on_failure(report, f"{spec.model} ({chosen.name}, {spec.precision})")
+        manifest = publish(staging, float_model, spec, chosen, result, report, quantized.details)
+    note(parity_lib.summary(report))
+    note(f"wrote {destination}")
+    return Conversion(destination, manifest, report)
