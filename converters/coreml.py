@@ -213,16 +213,22 @@ def package_labels(path: Path) -> list:
 class ImageRuntime:
     """Normalised ``[B, 3, H, W]`` batch -> 8-bit pixels -> one Core ML prediction per image -> logits.
 
-    ``predict`` takes one ``[1, H, W, 3]`` uint8 image and returns the model's outputs by name.
+    ``predict`` takes one ``[1, H, W, 3]`` uint8 image and returns the model's outputs by name;
+    ``source`` is the loaded model, whose ``report`` (if any) this runtime passes on.
     """
 
     def __init__(self, name: str, predict: Callable[[np.ndarray], dict], path: Path, spec: ExportSpec,
-                 report: Any = None) -> None:
+                 source: Any = None) -> None:
         self.name = name
         self.predict = predict
         self.labels = package_labels(path)
         self.mean, self.std = spec.preprocessing.mean, spec.preprocessing.std
-        self.report = report
+        self.source = source
+
+    @property
+    def report(self) -> Any:
+        """The reference executor's fp16 overflow findings (``None`` for Core ML itself)."""
+        return getattr(self.source, "report", None)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         images = to_pixels(batch, self.mean, self.std)
@@ -240,29 +246,23 @@ def coreml_runtime(path: Path, spec: ExportSpec, compute_units: str = "ALL") -> 
     def predict(pixels: np.ndarray) -> dict:
         return model.predict({INPUT_NAME: Image.fromarray(pixels[0], mode="RGB")})
 
-    return ImageRuntime("coreml", predict, path, spec)
+    return ImageRuntime("coreml", predict, path, spec, source=model)
 
 
 def reference_runtime(path: Path, spec: ExportSpec) -> ImageRuntime:
     """The Linux Core ML reference executor (``mf_edge.coreml_reference``) on the saved package.
 
-    An op the executor does not know raises ``RuntimeUnavailable`` naming it (parity: not run).
+    An op it does not implement raises its ``UnsupportedOpError`` (a ``RuntimeUnavailable``: parity
+    says "not run: unsupported op X").
     """
-    from mf_edge import coreml_reference
+    from mf_edge.coreml_reference import load_reference
 
-    unsupported = coreml_reference.UnsupportedOpError
-    try:
-        reference = coreml_reference.load_reference(path)
-    except unsupported as exc:
-        raise RuntimeUnavailable(f"Core ML reference executor: {exc}") from None
+    reference = load_reference(path)
 
     def predict(pixels: np.ndarray) -> dict:
-        try:
-            return reference.run({INPUT_NAME: pixels})
-        except unsupported as exc:
-            raise RuntimeUnavailable(f"Core ML reference executor: {exc}") from None
+        return reference.run({INPUT_NAME: pixels})
 
-    return ImageRuntime("coreml-reference", predict, path, spec, report=reference.report)
+    return ImageRuntime("coreml-reference", predict, path, spec, source=reference)
 
 
 class CoreMLTarget:
@@ -331,7 +331,7 @@ class CoreMLTarget:
         if platform.system() == "Darwin":
             return coreml_runtime(path, spec)
         try:
-            import mf_edge.coreml_reference  # noqa: F401
+            from mf_edge.coreml_reference import load_reference  # noqa: F401
         except ImportError:
             raise RuntimeUnavailable("Core ML runtime needs macOS and the Linux reference executor "
                                      "(mf_edge.coreml_reference) is missing; verify on a Mac.") from None

@@ -34,9 +34,10 @@ SIZE = 64
 FAMILIES = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
 
 
-def convert(name: str, out_dir: Path, precision: str = "fp16", **options) -> tuple[Path, ExportSpec]:
-    model = create_model(name, image_size=SIZE)
-    spec = ExportSpec.for_model(model.mf_edge_info, image_size=SIZE, precision=precision, **options)
+def convert(name: str, out_dir: Path, precision: str = "fp16", size: int = SIZE, **options
+            ) -> tuple[Path, ExportSpec]:
+    model = create_model(name, image_size=size)
+    spec = ExportSpec.for_model(model.mf_edge_info, image_size=size, precision=precision, **options)
     result = get_target("coreml").export(model, spec, out_dir)
     assert result.files == [out_dir / "model.mlpackage"]
     return out_dir / "model.mlpackage", spec
@@ -173,7 +174,7 @@ def test_non_pixel_batch_is_refused() -> None:
 
 def has_reference_executor() -> bool:
     try:
-        import mf_edge.coreml_reference  # noqa: F401
+        from mf_edge.coreml_reference import load_reference  # noqa: F401
     except ImportError:
         return False
     return True
@@ -181,7 +182,8 @@ def has_reference_executor() -> bool:
 
 def pixel_batch(spec: ExportSpec, count: int = 2, seed: int = 0) -> torch.Tensor:
     """Normalised batch made from random 8-bit RGB pixels, as parity inputs are."""
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(count, SIZE, SIZE, 3), dtype=np.uint8)
+    shape = (count, spec.image_size, spec.image_size, 3)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
     transform = eval_transform(spec)
     return torch.stack([transform(image) for image in pixels])
 
@@ -195,15 +197,12 @@ def test_runtime_without_reference_executor_says_why(fp16_packages: dict[str, Pa
         get_target("coreml").runtime(fp16_packages["identityformer_s12"].parent, spec)
 
 
-@pytest.mark.parametrize("name", ["identityformer_s12", "caformer_s18"])
-def test_reference_parity(fp16_packages: dict[str, Path], name: str) -> None:
-    if not has_reference_executor():
-        pytest.skip("mf_edge.coreml_reference (the Linux Core ML reference executor) is not installed")
-    spec = ExportSpec.for_model(get_model_info(name), image_size=SIZE, precision="fp16")
-    runtime = get_target("coreml").runtime(fp16_packages[name].parent, spec)
+def check_reference_parity(package: Path, spec: ExportSpec) -> None:
+    """The reference executor's logits on pixel-made inputs match the float PyTorch model's."""
+    runtime = get_target("coreml").runtime(package.parent, spec)
     batch = pixel_batch(spec)
     with torch.no_grad():
-        expected = create_model(name, image_size=SIZE)(batch).numpy()
+        expected = create_model(spec.model, image_size=spec.image_size)(batch).numpy()
     got = runtime.run(batch.numpy())
     assert got.shape == expected.shape == (2, 1000) and got.dtype == np.float32
     scale = np.abs(expected).max()
@@ -211,6 +210,25 @@ def test_reference_parity(fp16_packages: dict[str, Path], name: str) -> None:
     cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
     assert cosine.min() > 0.999, cosine
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+
+
+@pytest.mark.parametrize("name", ["identityformer_s12", "caformer_s18"])
+def test_reference_parity(fp16_packages: dict[str, Path], name: str) -> None:
+    if not has_reference_executor():
+        pytest.skip("mf_edge.coreml_reference (the Linux Core ML reference executor) is not installed")
+    check_reference_parity(fp16_packages[name], ExportSpec.for_model(get_model_info(name), image_size=SIZE,
+                                                                     precision="fp16"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convformer_s18", "caformer_s18"])
+def test_full_size_fp16_conversion(tmp_path: Path, name: str) -> None:
+    package, spec = convert(name, tmp_path, size=224)
+    desc = ct.utils.load_spec(str(package)).description
+    assert (desc.input[0].type.imageType.width, desc.input[0].type.imageType.height) == (224, 224)
+    assert list(desc.output[0].type.multiArrayType.shape) == [1, 1000]
+    if has_reference_executor():
+        check_reference_parity(package, spec)
 
 
 def test_missing_package_is_a_user_error(tmp_path: Path) -> None:
