@@ -1,0 +1,96 @@
+"""Training checkpoints: one ``torch.save`` file, readable with ``weights_only=True``, written atomically.
+
+Layout (``FORMAT``)::
+
+    {"format": "mf-edge-train/1",
+     "model": {name: tensor},      # weights to deploy, official layout (EMA weights with --ema)
+     "qat": None | {...},          # QAT only: see mf_edge.train.qat (target, scheme, observer states)
+     "meta": {...},                # model name, classes, image size, epoch, accuracy
+     "train": {...}}               # resume only: optimiser, scheduler, scaler, EMA, RNG states, history
+
+``mf_edge.weights.read_state_dict`` unwraps ``"model"``, so ``--weights CKPT`` loads the weights anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mf_edge.errors import UserError
+
+FORMAT = "mf-edge-train/1"
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def capture_rng() -> dict:
+    """The state of every random generator a training step may draw from."""
+    np_state = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's global generators (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def restore_rng(state: dict) -> None:
+    """Put every generator back where ``capture_rng`` found it."""
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(payload: dict, path: Path) -> Path:
+    """Write ``payload`` to a temporary file beside ``path`` and move it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save({"format": FORMAT, **payload}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by ``save_checkpoint``; anything else raises ``UserError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass the last.pt of an earlier run to --resume.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); "
+                        "pass another checkpoint.") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path} is not an mf-edge training checkpoint ({FORMAT}); "
+                        "to start from plain weights use --weights instead of --resume.")
+    return payload
+
+
+def read_qat_section(path: str | Path) -> dict | None:
+    """The ``"qat"`` section of the checkpoint at ``path``, or ``None`` for any other weights file."""
+    path = Path(path)
+    if path.suffix == ".safetensors" or not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not ours to judge: plain weights are validated by mf_edge.weights
+        return None
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        return payload.get("qat")
+    return None
