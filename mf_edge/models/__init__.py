@@ -1,6 +1,6 @@
 """The MetaFormer model zoo: architecture, registry and ``create_model``."""
 
-from mf_edge.models.factory import count_macs, count_params, create_model
+from mf_edge.models.factory import ModelStats, count_macs, count_params, create_model, model_stats
 from mf_edge.models.metaformer import MetaFormer, MetaFormerConfig
 from mf_edge.models.zoo import REGISTRY, ModelInfo, get_model_info, list_models
 
@@ -9,9 +9,11 @@ __all__ = [
     "MetaFormer",
     "MetaFormerConfig",
     "ModelInfo",
+    "ModelStats",
     "count_macs",
     "count_params",
     "create_model",
     "get_model_info",
     "list_models",
+    "model_stats",
 ]
