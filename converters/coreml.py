@@ -28,6 +28,7 @@ from torch import nn
 
 from mf_edge.console import is_quiet, step
 from mf_edge.converters.base import ExportResult, Runtime
+from mf_edge.converters.program import export_program
 from mf_edge.errors import RuntimeUnavailable, UserError
 from mf_edge.models.zoo import WEIGHTS_LICENSE, ModelInfo, get_model_info
 from mf_edge.spec import ExportSpec
@@ -272,6 +273,7 @@ class CoreMLTarget:
     precisions: tuple[str, ...] = ("fp16", "fp32")
     default_precision = "fp16"
     artifact = "model.mlpackage"
+    options = ("classifier", "minimum_deployment_target", "labels")
 
     def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
         import coremltools as ct
@@ -286,8 +288,8 @@ class CoreMLTarget:
         classifier = bool(spec.options.get("classifier", False))
         wrapped = ImageNormalisation(model, spec.preprocessing.mean, spec.preprocessing.std).eval()
         size = spec.image_size
-        with step(f"exporting {spec.model} for Core ML"), torch.no_grad():
-            program = torch.export.export(wrapped, (torch.rand(1, 3, size, size),)).run_decompositions({})
+        with step(f"exporting {spec.model} for Core ML"):
+            program = export_program(wrapped, spec).run_decompositions({})
         config = None
         if classifier:
             config = ct.ClassifierConfig(class_labels(spec.num_classes, spec.options.get("labels")),

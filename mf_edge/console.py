@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 T = TypeVar("T")
@@ -25,7 +26,7 @@ def is_quiet() -> bool:
 def note(message: str) -> None:
     """Print an informational line to stderr unless quiet."""
     if not _state["quiet"]:
-        console.print(f"[dim]{message}[/dim]", highlight=False)
+        console.print(f"[dim]{escape(message)}[/dim]", highlight=False)
 
 
 @contextmanager
