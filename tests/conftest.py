@@ -19,7 +19,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``.../cifar10`` with ``train/`` and ``test/`` ImageFolder trees, extracted once per session."""
     if not CIFAR_TARBALL.exists():
-        pytest.skip(f"CIFAR-10 data not found at {CIFAR_TARBALL} (../shared is only beside dev and CI clones)")
+        pytest.skip(f"CIFAR-10 data not found at {CIFAR_TARBALL} "
+                    "(../shared is only beside dev and CI clones)")
     cache = Path(os.environ.get("MF_EDGE_TEST_DATA", tmp_path_factory.getbasetemp() / "data"))
     root = cache / "cifar10"
     if not (root / "test").is_dir():
