@@ -307,6 +307,7 @@ class TensorRTTarget:
     precisions: tuple[str, ...] = ("fp16", "fp32")
     default_precision = "fp16"
     artifact = ENGINE_FILE
+    options = ("workspace_mib", "timing_cache", "max_batch", "opt_batch")
 
     def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
         from mf_edge.converters import get_target

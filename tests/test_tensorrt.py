@@ -13,15 +13,23 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from mf_edge import create_model
 from mf_edge.cli import main
+from mf_edge.converters import get_target
 from mf_edge.converters.tensorrt import (
     ENGINE_FILE,
+    ONNX_FILE,
+    OnnxInput,
     build_engine,
     plan_engine,
     read_onnx_input,
     tensorrt_unavailable_reason,
 )
+from mf_edge.data import parity_inputs
 from mf_edge.errors import RuntimeUnavailable, UserError
+from mf_edge.parity import compare, reference_logits
+from mf_edge.pipeline import Conversion, convert
+from mf_edge.spec import ExportSpec
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -157,6 +165,10 @@ def test_engine_command_argument_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == UserError.exit_code and "--random" in output
     code, output = run_cli(["engine", "run", str(tmp_path / "none.engine"), "--random"], capsys)
     assert code == UserError.exit_code and "does not exist" in output
+    code, output = run_cli(["engine", "run", str(engine), str(tmp_path / "cat.jpg")], capsys)
+    assert code == UserError.exit_code and "cat.jpg does not exist" in output
+    code, output = run_cli(["engine", "run", str(engine), "--random", "--model", "caformer_s19"], capsys)
+    assert code == UserError.exit_code and "unknown model 'caformer_s19'" in output
 
 
 @needs_engine_host
@@ -171,3 +183,68 @@ def test_real_engine_build_and_run(tmp_path: Path) -> None:
     runtime = TensorRTRuntime(tmp_path / ENGINE_FILE)
     batch = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(runtime.run(batch), batch.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
+    """``convert --target tensorrt`` of caformer_s18 at 64 px (random weights), workspace capped."""
+    out = tmp_path_factory.mktemp("trt") / "caformer_s18-tensorrt-fp16"
+    return convert("caformer_s18", "tensorrt", weights="random", image_size=64, output=out,
+                   target_options={"workspace_mib": 256})
+
+
+def test_convert_writes_a_static_tensorrt_onnx(converted: Conversion) -> None:
+    onnx_path = converted.output / ONNX_FILE
+    onnx.checker.check_model(str(onnx_path), full_check=True)
+    assert read_onnx_input(onnx_path) == OnnxInput("image", (1, 3, 64, 64), quantized=False)
+    details = converted.manifest["details"]
+    assert details["engine_plan"] == {
+        "onnx": "model.onnx", "input": "image", "precision": "fp16", "builder_flags": ["FP16"],
+        "workspace_mib": 256, "timing_cache": None, "input_shape": [1, 3, 64, 64], "profile": None,
+    }
+    assert converted.manifest["precision"] == "fp16" and converted.manifest["spec"]["options"] == {
+        "workspace_mib": 256}
+    if HAS_TENSORRT and HAS_CUDA:
+        assert (converted.output / ENGINE_FILE).is_file() and converted.parity["runtime"] == "tensorrt"
+    else:
+        assert details["engine"] == {"built": False, "reason": tensorrt_unavailable_reason()}
+        assert not (converted.output / ENGINE_FILE).exists()
+        assert converted.parity["status"] == "not run"
+        assert converted.parity["reason"] == tensorrt_unavailable_reason()
+
+
+def test_tensorrt_onnx_matches_pytorch_in_onnxruntime(converted: Conversion) -> None:
+    spec = ExportSpec.for_model(create_model("caformer_s18", image_size=64).mf_edge_info, image_size=64,
+                                precision="fp16")
+    inputs = parity_inputs(spec)
+    expected = reference_logits(create_model("caformer_s18", image_size=64), inputs.batch)
+    runtime = get_target("tensorrt").onnx_runtime(converted.output, spec)
+    got = np.concatenate([runtime.run(image[None]) for image in inputs.batch])
+    metrics = compare(expected, got)
+    assert metrics["cosine"] > 0.99999 and metrics["top1_agreement"] == 1.0, metrics
+    assert metrics["max_abs_error"] < 1e-3 * np.abs(expected).max(), metrics
+
+
+def test_dynamic_batch_export_gets_a_profile(tmp_path: Path) -> None:
+    model = create_model("identityformer_s12", image_size=64)
+    spec = ExportSpec.for_model(model.mf_edge_info, image_size=64, dynamic_batch=True, precision="fp16",
+                                max_batch=4)
+    result = get_target("tensorrt").export(model, spec, tmp_path)
+    assert result.details["engine_plan"]["profile"] == {"min": [1, 3, 64, 64], "opt": [1, 3, 64, 64],
+                                                        "max": [4, 3, 64, 64]}
+    batch = spec.example_input(seed=1).expand(3, -1, -1, -1).contiguous().numpy()
+    got = get_target("tensorrt").onnx_runtime(tmp_path, spec).run(batch)
+    assert compare(reference_logits(model, batch), got)["cosine"] > 0.99999
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convformer_s18", "caformer_s18"])
+def test_full_size_tensorrt_onnx(tmp_path: Path, name: str) -> None:
+    model = create_model(name)
+    spec = ExportSpec.for_model(model.mf_edge_info, precision="fp16")
+    get_target("tensorrt").export(model, spec, tmp_path)
+    assert read_onnx_input(tmp_path / ONNX_FILE).shape == (1, 3, 224, 224)
+    inputs = parity_inputs(spec, noise=2)
+    got = np.concatenate([get_target("tensorrt").onnx_runtime(tmp_path, spec).run(image[None])
+                          for image in inputs.batch])
+    assert compare(reference_logits(model, inputs.batch), got)["cosine"] > 0.9999

@@ -13,6 +13,7 @@ from rich.table import Table
 from mf_edge.cli import app
 from mf_edge.converters.tensorrt import DEFAULT_MAX_BATCH, TensorRTRuntime, build_engine, plan_engine
 from mf_edge.errors import UserError
+from mf_edge.models.zoo import IMAGENET_MEAN, IMAGENET_STD, get_model_info
 
 engine_app = typer.Typer(help="Build and run TensorRT engines (on the NVIDIA device that will run them).",
                          no_args_is_help=True)
@@ -47,12 +48,19 @@ def run_command(
     random: bool = typer.Option(False, "--random", help="Run a random batch instead of images."),
     repeat: int = typer.Option(10, "--repeat", help="Timed runs of the batch (after one warm-up)."),
     top: int = typer.Option(5, "--top", help="How many classes to print per image."),
+    model: str = typer.Option(None, "--model", help="Zoo name whose eval transform to use (default: the "
+                              "zoo's ImageNet one: bicubic, crop 1.0, ImageNet mean/std)."),
 ) -> None:
     """Run a TensorRT engine on images (or a random batch) and print the top classes and latency."""
     if not engine.is_file():
         raise UserError(f"{engine} does not exist; build it with `mf-edge engine build model.onnx`.")
     if bool(images) == random:
         raise UserError("give either IMAGE paths or --random (not both, not neither).")
+    missing = [str(path) for path in images or [] if not path.is_file()]
+    if missing:
+        raise UserError(f"image {missing[0]} does not exist; pass existing image files.")
+    if model is not None:
+        get_model_info(model)  # an unknown name fails here, before the engine loads
     runtime = TensorRTRuntime(engine)
     batch_size = runtime.fixed_batch or 1
     if random:
@@ -60,7 +68,7 @@ def run_command(
         shape = (batch_size, *runtime.input_shape[1:])
         batch = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     else:
-        names, batch = [str(p) for p in images], _image_batch(images, runtime.input_shape[-1])
+        names, batch = [str(p) for p in images], _image_batch(images, runtime.input_shape[-1], model)
     logits = runtime.run(batch)
     timings = []
     for _ in range(max(1, repeat)):
@@ -72,27 +80,27 @@ def run_command(
                     f"over {len(timings)} runs")
 
 
-def _image_batch(images: list[Path], image_size: int) -> np.ndarray:
-    """Images -> the ImageNet eval transform at ``image_size`` -> normalised float32 batch."""
-    from mf_edge.data import load_images
+def _image_batch(images: list[Path], image_size: int, model: str | None) -> np.ndarray:
+    """Images -> the eval transform (of ``model``, else the zoo's ImageNet one) -> normalised batch."""
+    from mf_edge.data import load_image, preprocess
+    from mf_edge.spec import ExportSpec, Preprocessing
 
-    return load_images(images, image_size)
+    if model is not None:
+        prep = ExportSpec.for_model(get_model_info(model), image_size=image_size).preprocessing
+    else:
+        prep = Preprocessing(image_size, 1.0, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+    return preprocess([load_image(path) for path in images], prep)
 
 
 def _print_top(names: list[str], logits: np.ndarray, top: int) -> None:
-    labels = _labels(logits.shape[1])
+    from mf_edge.labels import label_name, labels_for
+
+    labels = labels_for(logits.shape[1])
     table = Table(title="top classes")
     for column in ("input", "rank", "class", "logit"):
         table.add_column(column)
-    for name, row in zip(names, logits, strict=False):
+    for name, row in zip(names, logits, strict=True):
         for rank, index in enumerate(np.argsort(-row)[:top], start=1):
-            table.add_row(name if rank == 1 else "", str(rank), labels[index] if labels else str(index),
+            table.add_row(name if rank == 1 else "", str(rank), label_name(int(index), labels),
                           f"{row[index]:.3f}")
     Console().print(table)
-
-
-def _labels(num_classes: int) -> list[str] | None:
-    from mf_edge.converters.coreml import class_labels
-
-    labels = class_labels(num_classes)
-    return [str(label) for label in labels] if num_classes == 1000 else None
