@@ -306,8 +306,12 @@ class TensorRTTarget:
     name = "tensorrt"
     precisions: tuple[str, ...] = ("fp16", "fp32")
     default_precision = "fp16"
-    artifact = ENGINE_FILE
     options = ("workspace_mib", "timing_cache", "max_batch", "opt_batch")
+
+    @property
+    def artifact(self) -> str:
+        """``model.engine`` where this host builds engines (as ``export`` does), else ``model.onnx``."""
+        return ENGINE_FILE if tensorrt_unavailable_reason() is None else ONNX_FILE
 
     def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
         from mf_edge.converters import get_target

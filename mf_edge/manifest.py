@@ -83,8 +83,11 @@ def build_manifest(spec: ExportSpec, model_facts: dict, weights: dict, target: s
 def parity_summary(report: dict) -> dict:
     """The manifest's copy of a parity report: status, reason, runtime and each reference's metrics."""
     references = {name: r["metrics"] | {"passed": r["passed"]} for name, r in report["references"].items()}
-    return {"status": report["status"], "reason": report["reason"], "runtime": report["runtime"],
-            "references": references}
+    summary = {"status": report["status"], "reason": report["reason"], "runtime": report["runtime"],
+               "references": references}
+    if "onnx" in report:  # TensorRT without a GPU: the ONNX checked in onnxruntime instead
+        summary["onnx"] = parity_summary(report["onnx"])
+    return summary
 
 
 def write_json(path: Path, data: dict) -> None:

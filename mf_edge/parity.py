@@ -120,7 +120,8 @@ def not_run(reason: str, precision: str, inputs: ParityInputs | None = None) -> 
 def summary(report: dict) -> str:
     """One line: status and the headline metrics of each reference."""
     if report["status"] == NOT_RUN:
-        return f"parity not run: {report['reason']}"
+        onnx = f" (its ONNX in onnxruntime: {summary(report['onnx'])})" if "onnx" in report else ""
+        return f"parity not run: {report['reason']}{onnx}"
     parts = [f"vs {name}: cosine {r['metrics']['cosine']:.6f}, top-1 {r['metrics']['top1_agreement']:.0%}, "
              f"max abs err {r['metrics']['max_abs_error']:.2e}" for name, r in report["references"].items()]
     return f"parity {report['status']} ({'; '.join(parts)})"
@@ -128,6 +129,8 @@ def summary(report: dict) -> str:
 
 def raise_on_failure(report: dict, artifact: str) -> None:
     """Raise ``ParityFailure`` with the numbers when ``report`` failed."""
+    if report.get("onnx", {}).get("status") == FAIL:
+        raise_on_failure(report["onnx"], f"{artifact} (its ONNX)")
     if report["status"] == FAIL:
         raise ParityFailure(f"{artifact} does not match its reference: {report['reason']} "
                             f"({summary(report)}); see parity.json, or report the model/target/precision.")

@@ -206,11 +206,17 @@ def test_convert_writes_a_static_tensorrt_onnx(converted: Conversion) -> None:
         "workspace_mib": 256}
     if HAS_TENSORRT and HAS_CUDA:
         assert (converted.output / ENGINE_FILE).is_file() and converted.parity["runtime"] == "tensorrt"
+        assert converted.manifest["artifact"] == ENGINE_FILE
     else:
+        assert converted.manifest["artifact"] == ONNX_FILE  # no engine here: the ONNX is the artifact
         assert details["engine"] == {"built": False, "reason": tensorrt_unavailable_reason()}
         assert not (converted.output / ENGINE_FILE).exists()
         assert converted.parity["status"] == "not run"
         assert converted.parity["reason"] == tensorrt_unavailable_reason()
+        onnx_parity = converted.parity["onnx"]  # the ONNX itself, checked in onnxruntime instead
+        assert onnx_parity["status"] == "pass" and onnx_parity["runtime"] == "onnxruntime"
+        assert onnx_parity["references"]["float"]["metrics"]["cosine"] > 0.99999
+        assert converted.manifest["parity"]["onnx"]["status"] == "pass"
 
 
 def test_tensorrt_onnx_matches_pytorch_in_onnxruntime(converted: Conversion) -> None:
