@@ -220,6 +220,21 @@ def test_reference_parity(fp16_packages: dict[str, Path], name: str) -> None:
                                                                      precision="fp16"))
 
 
+def test_classifier_reference_parity(fp32_classifier: Path) -> None:
+    if not has_reference_executor():
+        pytest.skip("mf_edge.coreml_reference (the Linux Core ML reference executor) is not installed")
+    spec = ExportSpec.for_model(get_model_info("identityformer_s12"), image_size=SIZE, precision="fp32",
+                                classifier=True)
+    runtime = get_target("coreml").runtime(fp32_classifier.parent, spec)
+    batch = pixel_batch(spec, count=2)
+    with torch.no_grad():
+        expected = create_model("identityformer_s12", image_size=SIZE)(batch).numpy()
+    got = runtime.run(batch.numpy())  # the per-label scores, back in class order
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    outputs = runtime.predict(to_pixels(batch[:1].numpy(), spec.preprocessing.mean, spec.preprocessing.std))
+    assert str(np.asarray(outputs["classLabel"]).reshape(-1)[0]) == runtime.labels[int(expected[0].argmax())]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["convformer_s18", "caformer_s18"])
 def test_full_size_fp16_conversion(tmp_path: Path, name: str) -> None:
