@@ -30,6 +30,7 @@ from mf_edge.console import is_quiet, step
 from mf_edge.converters.base import ExportResult, Runtime
 from mf_edge.converters.program import export_program
 from mf_edge.errors import RuntimeUnavailable, UserError
+from mf_edge.labels import labels_for
 from mf_edge.models.zoo import WEIGHTS_LICENSE, ModelInfo, get_model_info
 from mf_edge.spec import ExportSpec
 
@@ -77,15 +78,8 @@ def class_labels(num_classes: int, labels: list[str] | None = None) -> list[str]
             raise UserError(f"{len(labels)} labels given for a {num_classes}-class model; pass one label "
                             "per class.")
         return [str(label) for label in labels]
-    if num_classes == 1000:
-        try:
-            from mf_edge.labels import imagenet_labels
-        except ImportError:
-            from torchvision.models import ResNet50_Weights
-
-            return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-        return list(imagenet_labels())
-    return list(range(num_classes))
+    names = labels_for(num_classes)
+    return list(names) if names is not None else list(range(num_classes))
 
 
 def preprocessing_note(spec: ExportSpec) -> str:
