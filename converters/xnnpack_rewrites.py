@@ -52,7 +52,8 @@ class DecomposedLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centred = x - mean_trailing(x, self.num_dims)
         var = mean_trailing(centred * centred, self.num_dims)
-        x = centred * torch.rsqrt(var + self.eps) * self.weight
+        x = centred * torch.rsqrt(var + self.eps)
+        x = x * self.weight if self.weight is not None else x  # None: folded away (mf_edge.rewrites)
         return x + self.bias if self.bias is not None else x
 
 

@@ -26,6 +26,7 @@ from mf_edge.errors import RuntimeUnavailable, UserError
 from mf_edge.labels import IMAGENET_1K, labels_for
 from mf_edge.manifest import LABELS, MANIFEST, PARITY, build_manifest, write_json
 from mf_edge.publish import check_output, staged_output
+from mf_edge.rewrites import rewrite_for_deployment
 from mf_edge.spec import ExportSpec
 
 DEFAULT_OUTPUT_ROOT = Path("mf-edge-out")
@@ -87,7 +88,8 @@ def quantize(model: nn.Module, spec: ExportSpec, target: Target,
     References for parity: the original float model, plus the PTQ simulation when quantized.
     """
     prepare = getattr(target, "prepare", None)
-    prepared = prepare(model, spec) if prepare is not None else model
+    rewritten = rewrite_for_deployment(model, target.name)  # exact folds (mf_edge.rewrites)
+    prepared = prepare(rewritten, spec) if prepare is not None else rewritten
     if spec.precision not in QUANTIZED_PRECISIONS:
         return Quantized(prepared, {"float": model})
     try:

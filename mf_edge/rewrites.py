@@ -1,0 +1,312 @@
+"""Deployment-time rewrites: the same function as the trained MetaFormer, with fewer and friendlier ops.
+
+Applied to a copy of the model before quantization and export (``rewrite_for_deployment``); each
+rewrite is exact up to float rounding and the tests check the rewritten model against the original
+for every family.
+
+Folds (every target):
+- ``fold_norm_affine``: a LayerNorm's per-channel weight (and bias) multiplies the input columns of
+  the linear or convolution that reads it: ``norm2 -> mlp.fc1``, ``norm1 -> pwconv1`` (ConvFormer) /
+  ``qkv`` (attention), the downsampling ``pre_norm -> conv``, ``model.norm -> head`` and the MLP
+  head's ``norm -> fc2``. ``norm1`` before an identity, pooling or random mixer feeds the residual
+  branch directly and keeps its weight.
+- ``fold_star_relu``: StarReLU ``s * relu(x)**2 + b`` followed by a linear becomes ``relu(x)**2``
+  with ``s`` in the linear's weight and ``b * W.sum(1)`` in its bias; before the depthwise
+  convolution of ``SepConv`` only ``s`` folds (zero padding makes ``b``'s contribution position
+  dependent), leaving ``relu(x)**2 + b / s``.
+- ``fold_attention_scale``: the ``head_dim ** -0.5`` scale moves into the query rows of ``qkv``.
+- ``drop_unit_res_scale``: a ResScale that is exactly 1 is removed. Any other ResScale stays one
+  multiply: it scales the residual stream, whose next reader is a LayerNorm, so no linear can take it.
+
+ExecuTorch only:
+- ``split_depthwise``: XNNPACK's depthwise kernels take at most 25 taps; a 7x7 depthwise
+  convolution (ConvFormer's ``SepConv``) falls back to a grouped IGEMM about 20x slower (fp32; worse
+  in int8). It becomes the sum of depthwise convolutions of 7x3, 7x2 (dilation 4) and 7x2
+  (dilation 6) taps.
+
+The ExecuTorch target's own ``prepare`` (``converters/xnnpack_rewrites.py``) then rewrites what
+XNNPACK cannot take at all (LayerNorm, 4-D means, broadcast matmuls); the affine-free norms left by
+the folds are ordinary ``nn.LayerNorm`` / ``LayerNormGeneral`` modules without weights, which it handles.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mf_edge.models.layers import (
+    Attention,
+    Downsampling,
+    LayerNormGeneral,
+    LayerNormWithoutBias,
+    Mlp,
+    MlpHead,
+    Scale,
+    SepConv,
+    SquaredReLU,
+    StarReLU,
+)
+from mf_edge.models.metaformer import MetaFormer, MetaFormerBlock
+
+
+class AffineFreeLayerNorm(nn.LayerNorm):
+    """What remains of a last-dim LayerNorm once its weight (and bias) moved into the next layer."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__(dim, eps=eps, elementwise_affine=False)
+
+
+class AffineFreeGroupNorm(LayerNormGeneral):
+    """The "modified LayerNorm" over ``(H, W, C)`` with its weight moved into the next layer."""
+
+    def __init__(self, eps: float, normalized_dim: tuple[int, ...]) -> None:
+        super().__init__(1, normalized_dim, bias=False, eps=eps)
+        self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(self.normalized_dim, keepdim=True)
+        return centred / torch.sqrt(centred.pow(2).mean(self.normalized_dim, keepdim=True) + self.eps)
+
+
+class ShiftedSquaredReLU(nn.Module):
+    """``relu(x) ** 2 + bias``: StarReLU ``s * relu(x) ** 2 + b`` with ``s`` moved on, ``bias = b / s``."""
+
+    def __init__(self, bias: float) -> None:
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).pow(2) + self.bias
+
+
+class SplitDepthwiseConv(nn.Module):
+    """A ``k x k`` depthwise convolution as a sum of depthwise convolutions of at most ``max_taps`` taps.
+
+    The centre columns form one convolution; each remaining pair of columns at offsets ``+-d`` is a
+    two-column convolution with dilation ``2d``. All use symmetric padding, so the output is the same.
+    """
+
+    def __init__(self, conv: nn.Conv2d, max_taps: int = 25) -> None:
+        super().__init__()
+        kh, kw = conv.kernel_size
+        ph, pw = conv.padding
+        half = kw // 2
+        centre = max(c for c in range(1, kw + 1, 2) if kh * c <= max_taps)
+        weight = conv.weight.detach()
+        pieces = [(weight[..., half - centre // 2: half + centre // 2 + 1], (ph, pw - half + centre // 2), 1)]
+        for d in range(centre // 2 + 1, half + 1):
+            pieces.append((weight[..., [half - d, half + d]], (ph, pw - half + d), 2 * d))
+        self.parts = nn.ModuleList()
+        for i, (w, padding, dilation) in enumerate(pieces):
+            bias = conv.bias is not None and i == 0
+            part = nn.Conv2d(conv.in_channels, conv.out_channels, tuple(w.shape[-2:]), padding=padding,
+                             dilation=(1, dilation), groups=conv.groups, bias=bias)
+            part.weight = nn.Parameter(w.clone(), requires_grad=conv.weight.requires_grad)
+            if part.bias is not None:
+                part.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.weight.requires_grad)
+            self.parts.append(part)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.parts[0](x)
+        for part in self.parts[1:]:
+            out = out + part(x)
+        return out
+
+
+# ---------------------------------------------------------------- folding helpers
+
+
+def _scale_inputs(layer: nn.Module, gain: torch.Tensor, shift: torch.Tensor | None = None) -> nn.Module:
+    """``layer(gain * x + shift)`` as one layer of the same kind: ``gain`` scales the input channels.
+
+    A shift is only exact for a linear (a padded convolution sees it only where it is not padding).
+    """
+    weight = layer.weight.detach().double()
+    shape = (1, -1) + (1,) * (weight.dim() - 2)
+    new_weight = weight * gain.detach().double().reshape(shape)
+    bias = layer.bias.detach().double() if layer.bias is not None else None
+    if shift is not None and torch.any(shift != 0):
+        per_input = weight if weight.dim() == 2 else weight.sum(tuple(range(2, weight.dim())))
+        extra = per_input @ shift.detach().double()
+        bias = extra if bias is None else bias + extra
+    return _with_params(layer, new_weight, bias)
+
+
+def _with_params(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A copy of ``layer`` with the given weight and bias (adding a bias parameter where it had none)."""
+    dtype = layer.weight.dtype
+    if isinstance(layer, nn.Linear):
+        new: nn.Module = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
+    else:
+        new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                        layer.padding, layer.dilation, layer.groups, bias=bias is not None)
+    new.weight = nn.Parameter(weight.to(dtype), requires_grad=layer.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.to(dtype), requires_grad=layer.weight.requires_grad)
+    return new.train(layer.training)
+
+
+def _affine_free(norm: nn.Module) -> nn.Module:
+    """The affine-free remainder of ``norm`` (same normalisation, no weight or bias)."""
+    if isinstance(norm, LayerNormGeneral) and norm.normalized_dim != (-1,):
+        return AffineFreeGroupNorm(norm.eps, norm.normalized_dim)
+    return AffineFreeLayerNorm(norm.weight.numel(), norm.eps)
+
+
+def _norm_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` of a foldable LayerNorm; ``None`` if it has no affine part."""
+    if isinstance(norm, (LayerNormGeneral, LayerNormWithoutBias)) and norm.weight is not None:
+        return norm.weight, getattr(norm, "bias", None)
+    if isinstance(norm, nn.LayerNorm) and norm.elementwise_affine:
+        return norm.weight, norm.bias
+    return None
+
+
+def _fold_norm_into(owner: nn.Module, norm_attr: str, reader: nn.Module, reader_attr: str) -> int:
+    """Fold ``owner.<norm_attr>``'s affine part into ``reader.<reader_attr>``; 1 if folded, else 0."""
+    norm = getattr(owner, norm_attr)
+    affine = _norm_affine(norm)
+    if affine is None:
+        return 0
+    weight, bias = affine
+    layer = getattr(reader, reader_attr)
+    has_shift = bias is not None and bool(torch.any(bias != 0))
+    if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or has_shift):
+        return 0
+    setattr(reader, reader_attr, _scale_inputs(getattr(reader, reader_attr), weight, bias))
+    setattr(owner, norm_attr, _affine_free(norm))
+    return 1
+
+
+# ---------------------------------------------------------------- the rewrites
+
+
+def fold_norm_affine(model: nn.Module) -> int:
+    """Fold every LayerNorm weight/bias that a linear or convolution reads into it."""
+    count = 0
+    for block in _blocks(model):
+        if isinstance(block.token_mixer, SepConv):
+            count += _fold_norm_into(block, "norm1", block.token_mixer, "pwconv1")
+        elif isinstance(block.token_mixer, Attention):
+            count += _fold_norm_into(block, "norm1", block.token_mixer, "qkv")
+        count += _fold_norm_into(block, "norm2", block.mlp, "fc1")
+    for down in model.downsample_layers:
+        if isinstance(down, Downsampling) and not isinstance(down.pre_norm, nn.Identity):
+            count += _fold_norm_into(down, "pre_norm", down, "conv")
+    if isinstance(model.head, MlpHead):
+        count += _fold_norm_into(model, "norm", model.head, "fc1")
+        count += _fold_norm_into(model.head, "norm", model.head, "fc2")
+    else:
+        count += _fold_norm_into(model, "norm", model, "head")
+    return count
+
+
+def fold_star_relu(model: nn.Module) -> int:
+    """Fold StarReLU's scale (and, before a linear, its bias) into the next layer."""
+    count = 0
+    for block in _blocks(model):
+        mlp = block.mlp
+        if isinstance(mlp, Mlp) and isinstance(mlp.act, StarReLU):
+            s, b = mlp.act.scale.detach().double(), mlp.act.bias.detach().double()
+            weight = mlp.fc2.weight.detach().double()
+            bias = b * weight.sum(1) + (mlp.fc2.bias.detach().double() if mlp.fc2.bias is not None else 0)
+            mlp.fc2 = _with_params(mlp.fc2, weight * s, bias)
+            mlp.act = SquaredReLU()
+            count += 1
+        mixer = block.token_mixer
+        if isinstance(mixer, SepConv) and isinstance(mixer.act1, StarReLU) and float(mixer.act1.scale) != 0:
+            s, b = float(mixer.act1.scale), float(mixer.act1.bias)
+            mixer.dwconv = _with_params(mixer.dwconv, mixer.dwconv.weight.detach().double() * s,
+                                        None if mixer.dwconv.bias is None else mixer.dwconv.bias.detach())
+            mixer.act1 = SquaredReLU() if b == 0 else ShiftedSquaredReLU(b / s)
+            count += 1
+    return count
+
+
+def fold_attention_scale(model: nn.Module) -> int:
+    """Move attention's ``head_dim ** -0.5`` into the query rows of ``qkv``."""
+    count = 0
+    for block in _blocks(model):
+        attn = block.token_mixer
+        if isinstance(attn, Attention) and attn.scale != 1.0:
+            weight = attn.qkv.weight.detach().double().clone()
+            inner = weight.shape[0] // 3
+            weight[:inner] *= attn.scale
+            bias = attn.qkv.bias.detach().double().clone() if attn.qkv.bias is not None else None
+            if bias is not None:
+                bias[:inner] *= attn.scale
+            attn.qkv = _with_params(attn.qkv, weight, bias)
+            attn.scale = 1.0
+            count += 1
+    return count
+
+
+def drop_unit_res_scale(model: nn.Module) -> int:
+    """Replace every ResScale that is exactly 1 by ``nn.Identity``."""
+    count = 0
+    for block in _blocks(model):
+        for attr in ("res_scale1", "res_scale2"):
+            scale = getattr(block, attr)
+            if isinstance(scale, Scale) and torch.all(scale.scale == 1):
+                setattr(block, attr, nn.Identity())
+                count += 1
+    return count
+
+
+def split_depthwise(model: nn.Module, max_taps: int = 25) -> int:
+    """Split every depthwise convolution of more than ``max_taps`` taps (``SplitDepthwiseConv``)."""
+    count = 0
+    for mixer in [m for m in model.modules() if isinstance(m, SepConv)]:
+        conv = mixer.dwconv
+        kh, kw = conv.kernel_size
+        depthwise = conv.groups == conv.in_channels == conv.out_channels
+        symmetric = conv.padding == (kh // 2, kw // 2) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+        if depthwise and symmetric and kh * kw > max_taps and kw % 2 and kh * 2 <= max_taps:
+            mixer.dwconv = SplitDepthwiseConv(conv, max_taps)
+            count += 1
+    return count
+
+
+def _blocks(model: nn.Module) -> list[MetaFormerBlock]:
+    return [m for m in model.modules() if isinstance(m, MetaFormerBlock)]
+
+
+Rewrite = Callable[[nn.Module], int]
+
+FOLDS: dict[str, Rewrite] = {
+    "fold_norm_affine": fold_norm_affine,
+    "fold_star_relu": fold_star_relu,
+    "fold_attention_scale": fold_attention_scale,
+    "drop_unit_res_scale": drop_unit_res_scale,
+}
+REWRITES: dict[str, Rewrite] = {**FOLDS, "split_depthwise": split_depthwise}
+TARGET_REWRITES: dict[str, tuple[str, ...]] = {
+    "executorch": (*FOLDS, "split_depthwise"),
+    "onnx": tuple(FOLDS),
+    "coreml": tuple(FOLDS),
+    "tensorrt": tuple(FOLDS),
+}
+
+
+def rewrite_for_deployment(model: nn.Module, target: str) -> nn.Module:
+    """A rewritten copy of ``model`` for ``target``; ``model`` itself is left untouched.
+
+    The copy computes the same function (float rounding aside) with the ``TARGET_REWRITES[target]``
+    rewrites applied, keeps ``mf_edge_info`` and ``mf_edge_weights``, and records in
+    ``mf_edge_rewrites`` how many sites each rewrite changed (for the manifest). A model that is not
+    a ``MetaFormer`` is returned as it is, with an empty record.
+    """
+    if not isinstance(model, MetaFormer):
+        model.mf_edge_rewrites = {}  # type: ignore[attr-defined]
+        return model
+    rewritten = copy.deepcopy(model)
+    applied = {}
+    with torch.no_grad():
+        for name in TARGET_REWRITES.get(target, tuple(FOLDS)):
+            applied[name] = REWRITES[name](rewritten)
+    rewritten.mf_edge_rewrites = applied  # type: ignore[attr-defined]
+    return rewritten

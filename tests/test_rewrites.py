@@ -1,0 +1,136 @@
+"""Deployment rewrites: same outputs as the original model for every family, fewer ops, faster kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mf_edge import create_model
+from mf_edge.models.layers import LayerNormGeneral, LayerNormWithoutBias, Scale, StarReLU
+from mf_edge.rewrites import (
+    TARGET_REWRITES,
+    AffineFreeGroupNorm,
+    AffineFreeLayerNorm,
+    ShiftedSquaredReLU,
+    SplitDepthwiseConv,
+    rewrite_for_deployment,
+)
+
+FAMILIES = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
+SIZE = 64
+
+
+def trained_like(name: str) -> nn.Module:
+    """A small model whose norm weights/biases, StarReLU and ResScale parameters are not their init values.
+
+    At initialisation they are 1 and 0, which would make every fold trivially exact.
+    """
+    model = create_model(name, image_size=SIZE)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (LayerNormGeneral, LayerNormWithoutBias, nn.LayerNorm, Scale, StarReLU)):
+                for param in module.parameters(recurse=False):
+                    param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request) -> nn.Module:
+    return trained_like(request.param)
+
+
+@pytest.mark.parametrize("target", sorted(TARGET_REWRITES))
+def test_rewritten_model_equals_original(family_model: nn.Module, target: str) -> None:
+    x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in family_model.state_dict().items()}
+    rewritten = rewrite_for_deployment(family_model, target)
+    with torch.no_grad():
+        expected, actual = family_model(x), rewritten(x)
+    relative = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert relative < 1e-5, f"{family_model.mf_edge_info.name} ({target}): relative error {relative:.2e}"
+    assert rewritten.mf_edge_info == family_model.mf_edge_info
+    applied = rewritten.mf_edge_rewrites
+    assert applied["fold_norm_affine"] > 0 and applied["fold_star_relu"] > 0
+    after = family_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the original model was modified"
+
+
+def test_folds_remove_the_affine_parameters() -> None:
+    model = trained_like("caformer_s18")
+    rewritten = rewrite_for_deployment(model, "onnx")
+    modules = list(rewritten.modules())
+    # every block norm, the downsampling pre-norms and both head norms read a linear or conv: all folded
+    assert not any(isinstance(m, LayerNormWithoutBias) for m in modules)
+    assert sum(isinstance(m, AffineFreeLayerNorm) for m in modules) == 2 * 18 + 3 + 2
+    # StarReLU: MLP ones fold completely, SepConv ones keep b / s ahead of the depthwise conv
+    assert not any(isinstance(m, StarReLU) for m in modules)
+    assert sum(isinstance(m, ShiftedSquaredReLU) for m in modules) == 6
+    assert all(block.token_mixer.scale == 1.0 for block in rewritten.stages[2])
+    assert rewritten.mf_edge_rewrites == {"fold_norm_affine": 41, "fold_star_relu": 24,
+                                          "fold_attention_scale": 12, "drop_unit_res_scale": 0}
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert params(rewritten) < params(model)
+
+
+def test_group_norm_families_fold_only_what_a_linear_reads() -> None:
+    rewritten = rewrite_for_deployment(trained_like("poolformerv2_s12"), "executorch")
+    block = rewritten.stages[0][0]
+    assert isinstance(block.norm2, AffineFreeGroupNorm) and block.norm2.weight is None
+    assert isinstance(block.norm1, LayerNormGeneral) and block.norm1.weight is not None  # feeds the pooling
+    assert rewritten.mf_edge_rewrites["split_depthwise"] == 0
+
+
+def test_unit_res_scale_is_dropped() -> None:
+    model = create_model("convformer_s18", image_size=SIZE)  # ResScale init 1 in stages 3-4
+    rewritten = rewrite_for_deployment(model, "onnx")
+    assert rewritten.mf_edge_rewrites["drop_unit_res_scale"] == 2 * (9 + 3)
+    assert not any(isinstance(m, Scale) for m in rewritten.modules())
+
+
+def test_split_depthwise_equals_the_7x7_convolution() -> None:
+    conv = nn.Conv2d(24, 24, 7, padding=3, groups=24, bias=True)
+    split = SplitDepthwiseConv(conv)
+    taps = [part.kernel_size[0] * part.kernel_size[1] for part in split.parts]
+    assert len(split.parts) == 3 and max(taps) <= 25 and sum(taps) == 49
+    x = torch.randn(2, 24, 13, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_only_executorch_splits_the_depthwise_convolution() -> None:
+    model = create_model("convformer_s18", image_size=SIZE)
+    assert rewrite_for_deployment(model, "executorch").mf_edge_rewrites["split_depthwise"] == 18
+    assert "split_depthwise" not in rewrite_for_deployment(model, "onnx").mf_edge_rewrites
+
+
+def test_other_modules_pass_through() -> None:
+    module = nn.Linear(3, 4)
+    assert rewrite_for_deployment(module, "executorch") is module
+
+
+def test_xnnpack_runs_the_split_convolution_with_depthwise_kernels(tmp_path) -> None:
+    """XNNPACK's own profile: the 7x7 runs as a grouped IGEMM, the split parts as DWConv kernels."""
+    pytest.importorskip("executorch.extension.pybindings.portable_lib",
+                        reason="the ExecuTorch runtime is not installed")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools import Inspector
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.extension.pybindings import portable_lib
+
+    conv = nn.Conv2d(16, 16, 7, padding=3, groups=16, bias=False).eval()
+    x = torch.randn(1, 16, 12, 12)
+    kernels = {}
+    for name, module in (("full", conv), ("split", SplitDepthwiseConv(conv).eval())):
+        program = to_edge_transform_and_lower(torch.export.export(module, (x,)),
+                                              partitioner=[XnnpackPartitioner()]).to_executorch()
+        path = tmp_path / f"{name}.pte"
+        path.write_bytes(program.buffer)
+        loaded = portable_lib._load_for_executorch(str(path), enable_etdump=True)
+        loaded.forward((x,))
+        loaded.write_etdump_result_to_file(str(tmp_path / f"{name}.etdp"))
+        events = Inspector(etdump_path=str(tmp_path / f"{name}.etdp")).to_dataframe()["event_name"]
+        kernels[name] = {e.split(" #")[0] for e in events if e.startswith("Convolution")}
+    assert kernels["full"] == {"Convolution (NHWC, F32) IGEMM"}
+    assert kernels["split"] == {"Convolution (NHWC, F32) DWConv"}
