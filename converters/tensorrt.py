@@ -322,8 +322,8 @@ class TensorRTTarget:
         out_dir = Path(out_dir)
         options = spec.options
         if options.get("max_batch") is not None and not spec.dynamic_batch:
-            raise UserError("--max-batch sets the optimisation profile of a dynamic batch; add --dynamic-batch "
-                            "or drop --max-batch.")
+            raise UserError("--max-batch sets the optimisation profile of a dynamic batch; add "
+                            "--dynamic-batch or drop --max-batch.")
         # TensorRT lowers float ONNX to fp16 itself; only int8 needs a different (Q/DQ) ONNX.
         onnx_spec = replace(spec, precision="int8" if spec.precision == "int8" else "fp32")
         onnx_result = get_target("onnx").export(model, onnx_spec, out_dir)
