@@ -19,14 +19,14 @@ Folds (every target):
   multiply: it scales the residual stream, whose next reader is a LayerNorm, so no linear can take it.
 
 ExecuTorch only:
+- ``xnnpack_norms``: the affine-free norms left by the folds are written with ops XNNPACK delegates
+  (it has no LayerNorm, and averages only over the two innermost dims of a 4-D tensor). The norms
+  that keep their weight are left to the ExecuTorch target's own ``prepare``
+  (``converters/xnnpack_rewrites.py``), which also rewrites RandFormer's mixing, attention and pooling.
 - ``split_depthwise``: XNNPACK's depthwise kernels take at most 25 taps; a 7x7 depthwise
   convolution (ConvFormer's ``SepConv``) falls back to a grouped IGEMM about 20x slower (fp32; worse
   in int8). It becomes the sum of depthwise convolutions of 7x3, 7x2 (dilation 4) and 7x2
   (dilation 6) taps.
-
-The ExecuTorch target's own ``prepare`` (``converters/xnnpack_rewrites.py``) then rewrites what
-XNNPACK cannot take at all (LayerNorm, 4-D means, broadcast matmuls); the affine-free norms left by
-the folds are ordinary ``nn.LayerNorm`` / ``LayerNormGeneral`` modules without weights, which it handles.
 """
 
 from __future__ import annotations
@@ -53,23 +53,46 @@ from mf_edge.models.layers import (
 from mf_edge.models.metaformer import MetaFormer, MetaFormerBlock
 
 
-class AffineFreeLayerNorm(nn.LayerNorm):
-    """What remains of a last-dim LayerNorm once its weight (and bias) moved into the next layer."""
+class AffineFreeLayerNorm(nn.Module):
+    """What remains of a last-dim LayerNorm once its weight (and bias) moved into the next layer.
 
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__(dim, eps=eps, elementwise_affine=False)
+    ``xnnpack=True`` writes it with ops XNNPACK delegates (it has no LayerNorm): each mean over the
+    channels is a ``C -> 1`` linear with weights ``1 / C``, so the channels-last tensor is never
+    transposed. Otherwise it is ``F.layer_norm`` (one LayerNormalization op in ONNX and Core ML).
+    """
 
-
-class AffineFreeGroupNorm(LayerNormGeneral):
-    """The "modified LayerNorm" over ``(H, W, C)`` with its weight moved into the next layer."""
-
-    def __init__(self, eps: float, normalized_dim: tuple[int, ...]) -> None:
-        super().__init__(1, normalized_dim, bias=False, eps=eps)
-        self.weight = None
+    def __init__(self, dim: int, eps: float, xnnpack: bool = False) -> None:
+        super().__init__()
+        self.dim, self.eps, self.xnnpack = dim, eps, xnnpack
+        self.register_buffer("average", torch.full((1, dim), 1.0 / dim), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x - x.mean(self.normalized_dim, keepdim=True)
-        return centred / torch.sqrt(centred.pow(2).mean(self.normalized_dim, keepdim=True) + self.eps)
+        if not self.xnnpack:
+            return F.layer_norm(x, (self.dim,), eps=self.eps)
+        centred = x - F.linear(x, self.average)
+        return centred * torch.rsqrt(F.linear(centred * centred, self.average) + self.eps)
+
+
+class AffineFreeGroupNorm(nn.Module):
+    """The "modified LayerNorm" over ``(H, W, C)`` with its weight moved into the next layer.
+
+    ``xnnpack=True`` averages a ``[B, 1, H*W, C]`` view over its two innermost dims (the only mean
+    XNNPACK delegates).
+    """
+
+    def __init__(self, eps: float, normalized_dim: tuple[int, ...], xnnpack: bool = False) -> None:
+        super().__init__()
+        self.eps, self.normalized_dim, self.xnnpack = eps, tuple(normalized_dim), xnnpack
+
+    def _mean(self, x: torch.Tensor) -> torch.Tensor:
+        if self.xnnpack and x.dim() == 4 and self.normalized_dim == (1, 2, 3):
+            _, h, w, c = x.shape
+            return x.reshape(-1, 1, h * w, c).mean((2, 3), keepdim=True)
+        return x.mean(self.normalized_dim, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - self._mean(x)
+        return centred * torch.rsqrt(self._mean(centred * centred) + self.eps)
 
 
 class ShiftedSquaredReLU(nn.Module):
@@ -257,6 +280,14 @@ def drop_unit_res_scale(model: nn.Module) -> int:
     return count
 
 
+def xnnpack_norms(model: nn.Module) -> int:
+    """Write the affine-free norms the folds left with ops XNNPACK delegates (``xnnpack=True``)."""
+    norms = [m for m in model.modules() if isinstance(m, (AffineFreeLayerNorm, AffineFreeGroupNorm))]
+    for norm in norms:
+        norm.xnnpack = True
+    return len(norms)
+
+
 def split_depthwise(model: nn.Module, max_taps: int = 25) -> int:
     """Split every depthwise convolution of more than ``max_taps`` taps (``SplitDepthwiseConv``)."""
     count = 0
@@ -283,9 +314,9 @@ FOLDS: dict[str, Rewrite] = {
     "fold_attention_scale": fold_attention_scale,
     "drop_unit_res_scale": drop_unit_res_scale,
 }
-REWRITES: dict[str, Rewrite] = {**FOLDS, "split_depthwise": split_depthwise}
+REWRITES: dict[str, Rewrite] = {**FOLDS, "xnnpack_norms": xnnpack_norms, "split_depthwise": split_depthwise}
 TARGET_REWRITES: dict[str, tuple[str, ...]] = {
-    "executorch": (*FOLDS, "split_depthwise"),
+    "executorch": (*FOLDS, "xnnpack_norms", "split_depthwise"),
     "onnx": tuple(FOLDS),
     "coreml": tuple(FOLDS),
     "tensorrt": tuple(FOLDS),

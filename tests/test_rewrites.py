@@ -41,7 +41,12 @@ def family_model(request) -> nn.Module:
     return trained_like(request.param)
 
 
-@pytest.mark.parametrize("target", sorted(TARGET_REWRITES))
+def test_targets_share_the_folds() -> None:
+    assert TARGET_REWRITES["coreml"] == TARGET_REWRITES["tensorrt"] == TARGET_REWRITES["onnx"]
+    assert set(TARGET_REWRITES["onnx"]) < set(TARGET_REWRITES["executorch"])
+
+
+@pytest.mark.parametrize("target", ["onnx", "executorch"])
 def test_rewritten_model_equals_original(family_model: nn.Module, target: str) -> None:
     x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     before = {k: v.clone() for k, v in family_model.state_dict().items()}
@@ -55,6 +60,20 @@ def test_rewritten_model_equals_original(family_model: nn.Module, target: str) -
     assert applied["fold_norm_affine"] > 0 and applied["fold_star_relu"] > 0
     after = family_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the original model was modified"
+
+
+def test_executorch_prepare_after_the_rewrites_computes_the_same(family_model: nn.Module) -> None:
+    """The pipeline's order: these rewrites, then the ExecuTorch target's own ``prepare``."""
+    from mf_edge.converters import get_target
+    from mf_edge.spec import ExportSpec
+
+    spec = ExportSpec.for_model(family_model.mf_edge_info, image_size=SIZE)
+    prepared = get_target("executorch").prepare(rewrite_for_deployment(family_model, "executorch"), spec)
+    assert not any(isinstance(m, (nn.LayerNorm, LayerNormWithoutBias)) for m in prepared.modules())
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, actual = family_model(x), prepared(x)
+    assert ((actual - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
 def test_folds_remove_the_affine_parameters() -> None:
@@ -77,7 +96,7 @@ def test_folds_remove_the_affine_parameters() -> None:
 def test_group_norm_families_fold_only_what_a_linear_reads() -> None:
     rewritten = rewrite_for_deployment(trained_like("poolformerv2_s12"), "executorch")
     block = rewritten.stages[0][0]
-    assert isinstance(block.norm2, AffineFreeGroupNorm) and block.norm2.weight is None
+    assert isinstance(block.norm2, AffineFreeGroupNorm) and block.norm2.xnnpack
     assert isinstance(block.norm1, LayerNormGeneral) and block.norm1.weight is not None  # feeds the pooling
     assert rewritten.mf_edge_rewrites["split_depthwise"] == 0
 
