@@ -39,7 +39,7 @@ def train_command(
     val_fraction: float = typer.Option(0.1, help="Validation share when --data has no val/ folder."),
     freeze_observers_after: float = typer.Option(0.5, help="With --qat: fraction of the epochs after which "
                                                  "observers and batch statistics are frozen."),
-    calibration_batches: int = typer.Option(4, help="With --qat: batches to calibrate on before training."),
+    calib_size: int = typer.Option(256, help="With --qat: training images PTQ calibrates on before QAT."),
     stop_after_epochs: int = typer.Option(None, help="End this invocation after N epochs (the schedule still "
                                           "spans --epochs); continue later with --resume."),
 ) -> None:
@@ -59,7 +59,7 @@ def train_command(
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, drop_path=drop_path,
         ema_decay=ema_decay if ema else None, clip_grad=clip_grad, seed=seed,
         max_steps_per_epoch=max_steps_per_epoch, val_fraction=val_fraction,
-        freeze_observers_after=freeze_observers_after, calibration_batches=calibration_batches,
+        freeze_observers_after=freeze_observers_after, calib_size=calib_size,
         stop_after_epochs=stop_after_epochs,
     )
     result = train(config)

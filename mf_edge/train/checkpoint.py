@@ -6,7 +6,8 @@ Layout (``FORMAT``)::
      "model": {name: tensor},      # weights to deploy, official layout (EMA weights with --ema)
      "qat": None | {...},          # QAT only: see mf_edge.train.qat (target, scheme, observer states)
      "meta": {...},                # model name, classes, image size, epoch, accuracy
-     "train": {...}}               # resume only: optimiser, scheduler, scaler, EMA, RNG states, history
+     "train": {...}}               # resume only: optimiser, scheduler, scaler, EMA, history and the
+                                   # RNG states of every process
 
 ``mf_edge.weights.read_state_dict`` unwraps ``"model"``, so ``--weights CKPT`` loads the weights anywhere.
 """

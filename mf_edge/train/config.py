@@ -38,7 +38,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     min_crop_scale: float = 0.25
     freeze_observers_after: float = 0.5
-    calibration_batches: int = 4
+    calib_size: int = 256
     stop_after_epochs: int | None = None
 
     def __post_init__(self) -> None:
@@ -64,8 +64,7 @@ class TrainConfig:
              f"{self.freeze_observers_after}."),
             (self.stop_after_epochs is None or self.stop_after_epochs >= 1,
              f"--stop-after-epochs must be at least 1, got {self.stop_after_epochs}."),
-            (self.calibration_batches >= 1,
-             f"--calibration-batches must be at least 1, got {self.calibration_batches}."),
+            (self.calib_size >= 1, f"--calib-size must be at least 1, got {self.calib_size}."),
             (not self.qat or self.target is not None,
              "--qat needs --target (the target whose int8 scheme to train for), e.g. --target executorch."),
             (self.target is None or self.qat,

@@ -27,6 +27,12 @@ class ImageData:
     val: Dataset
     classes: list[str]
     source: str
+    train_eval: Dataset  # the training images under the eval transform (calibration)
+
+    def calibration_images(self, count: int, seed: int) -> torch.Tensor:
+        """A seeded sample of ``count`` training images under the eval transform, as one batch."""
+        order = torch.randperm(len(self.train_eval), generator=torch.Generator().manual_seed(seed))
+        return torch.stack([self.train_eval[int(i)][0] for i in order[:count]])
 
 
 def train_transform(prep: Preprocessing, min_crop_scale: float) -> Callable:
@@ -80,7 +86,8 @@ def load_image_data(
         if val_dir is not None:
             val = _image_folder(val_dir, val_tf)
             _check_same_classes(train, val, val_dir)
-            return ImageData(train, val, train.classes, f"{root}/{{train,{val_dir.name}}}")
+            return ImageData(train, val, train.classes, f"{root}/{{train,{val_dir.name}}}",
+                             _image_folder(root / TRAIN_DIR, val_tf))
         return _split(root / TRAIN_DIR, train_tf, val_tf, val_fraction, seed)
     return _split(root, train_tf, val_tf, val_fraction, seed)
 
@@ -94,7 +101,8 @@ def _split(root: Path, train_tf: Callable, val_tf: Callable, val_fraction: float
         raise UserError(f"{root} has only {count} image(s); add images or provide train/ and val/ folders.")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
     train, val = Subset(train_view, sorted(order[val_count:])), Subset(val_view, sorted(order[:val_count]))
-    return ImageData(train, val, train_view.classes, f"{root} (seeded {val_fraction:.0%} validation split)")
+    return ImageData(train, val, train_view.classes, f"{root} (seeded {val_fraction:.0%} validation split)",
+                     Subset(val_view, train.indices))
 
 
 def train_loader(

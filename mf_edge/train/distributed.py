@@ -73,6 +73,15 @@ def all_reduce_sum(values: list[float], context: Distributed) -> list[float]:
     return tensor.tolist()
 
 
+def gather(value: object, context: Distributed) -> list:
+    """``value`` of every process, in rank order (``[value]`` when alone)."""
+    if not context.enabled:
+        return [value]
+    gathered: list = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def check_replicas_in_sync(model: nn.Module, context: Distributed) -> None:
     """Raise if the processes' parameters differ (DDP must keep every replica identical)."""
     if not context.enabled:

@@ -120,22 +120,15 @@ class _Run:
         model = create_model(config.model, weights=weights, num_classes=self.num_classes,
                              image_size=self.spec.image_size, seed=config.seed, drop_path_rate=drop_path)
         self.float_source = dict(model.mf_edge_weights)
+        if resume:  # the weights this run started from; the training state itself is restored later
+            model.load_state_dict(resume["model"])
+            self.float_source = resume["meta"]["weights"]
         if config.qat:
-            calibration = None if resume else self._calibration_batches()
+            calibration = None if resume else self.data.calibration_images(config.calib_size, config.seed)
             self.qat = qat.QATModel.prepare(model, config.target, self.spec, calibration)
             return self.qat.module.to(self.context.device)
         self.qat = None
         return model.to(self.context.device)
-
-    def _calibration_batches(self) -> list[torch.Tensor]:
-        """The first ``calibration_batches`` batches of this rank's training shard (epoch 0 order)."""
-        seed_epoch(self.train_loader, self.config.seed, -1, self.context.rank)
-        batches = []
-        for images, _ in self.train_loader:
-            batches.append(images)
-            if len(batches) == self.config.calibration_batches:
-                break
-        return batches
 
     def _restore(self, resume: dict) -> None:
         state = resume["train"]
@@ -153,7 +146,8 @@ class _Run:
         self.history = list(state["history"])
         self.best_top1 = resume["meta"]["best_top1"]
         self.start_epoch = resume["meta"]["epoch"] + 1
-        restore_rng(state["rng"])
+        states = state["rng"]  # one per process of the run that wrote it
+        restore_rng(states[self.context.rank] if len(states) == self.context.world_size else states[0])
         note(f"resumed from {self.config.resume} after epoch {self.start_epoch}")
 
     # --- the loop ----------------------------------------------------------------------------
@@ -210,14 +204,15 @@ class _Run:
         self.history.append(row)
         improved = validated.top1 > self.best_top1
         self.best_top1 = max(self.best_top1, validated.top1)
+        rng = distributed.gather(capture_rng(), self.context)  # every process's generators, for --resume
         if self.context.is_main:
             note(f"epoch {epoch + 1}: train loss {trained.loss:.4f}, val loss {validated.loss:.4f}, "
                  f"top-1 {validated.top1:.2f}%, top-5 {validated.top5:.2f}%")
-            self._save(epoch, validated, improved)
+            self._save(epoch, validated, improved, rng)
         distributed.barrier(self.context)
 
     # --- files -------------------------------------------------------------------------------
-    def _save(self, epoch: int, validated: EpochStats, improved: bool) -> None:
+    def _save(self, epoch: int, validated: EpochStats, improved: bool, rng: list[dict]) -> None:
         config = self.config
         meta = {"model": config.model, "classes": self.data.classes, "num_classes": self.num_classes,
                 "image_size": self.spec.image_size, "epoch": epoch, "val_top1": validated.top1,
@@ -232,7 +227,7 @@ class _Run:
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
             "raw_model": _cpu_state(self.model.state_dict()) if self.ema is not None else None,
             "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
-            "history": self.history, "rng": capture_rng(), "config": config.to_dict(),
+            "history": self.history, "rng": rng, "config": config.to_dict(),
         }
         save_checkpoint({**deployable, "train": train_state}, self.output / LAST)
         if improved:
