@@ -16,7 +16,7 @@ from torch import nn
 from mf_edge.console import step
 from mf_edge.converters.base import ExportResult
 from mf_edge.converters.program import Float16Model, export_program
-from mf_edge.converters.xnnpack_rewrites import rewrite_for_xnnpack
+from mf_edge.converters.xnnpack_rewrites import infer_symbolic_view_dims, rewrite_for_xnnpack
 from mf_edge.errors import RuntimeUnavailable, UserError
 from mf_edge.spec import ExportSpec
 
@@ -95,7 +95,9 @@ class ExecuTorchTarget:
         with step("torch.export"):
             program = export_program(module, spec)
         with step("lowering to XNNPACK"):
-            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            passes = [infer_symbolic_view_dims] if spec.dynamic_batch else None
+            edge = to_edge_transform_and_lower(program, transform_passes=passes,
+                                               partitioner=[XnnpackPartitioner()])
             coverage = delegation_coverage(edge.exported_program().graph_module)
             executorch_program = edge.to_executorch()
         path = out_dir / ARTIFACT

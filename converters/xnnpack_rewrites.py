@@ -9,10 +9,12 @@ XNNPACK's partitioner leaves some ops of the reference model outside its delegat
   "modified LayerNorm" over ``(H, W, C)`` and the final ``mean((1, 2))`` pooling are not);
 - ``expand_copy`` and ``squeeze_copy`` have no config (``matmul`` broadcasting in RandFormer's
   mixing and CAFormer's attention, ``unbind`` of the stacked q/k/v);
-- a ``view_copy`` with a symbolic size is refused (dynamic batch): reshapes here use ``-1``.
+- a ``view_copy`` with a symbolic size is refused (dynamic batch).
 
 ``rewrite_for_xnnpack`` returns a copy of the model computing the same function from the same
-parameters with only delegable ops; parity against the original float model covers it.
+parameters with only delegable ops; parity against the original float model covers it. For a
+dynamic batch, ``infer_symbolic_view_dims`` is an edge-graph pass that writes the one symbolic size of
+a reshape as ``-1`` (XNNPACK's static reshape infers one dimension).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassResult
 
 from mf_edge.models.layers import Attention, LayerNormGeneral, LayerNormWithoutBias, RandomMixing
 
@@ -32,28 +36,37 @@ def mean_trailing(x: torch.Tensor, num_dims: int) -> torch.Tensor:
     reduced = math.prod(x.shape[-num_dims:])
     rows = math.prod(x.shape[1:-num_dims]) if x.dim() > num_dims + 1 else 1
     pooled = x.reshape(-1, rows, reduced, 1).mean((2, 3), keepdim=True)
-    return pooled.reshape((-1, *x.shape[1:-num_dims], *([1] * num_dims)))
+    keepdim_shape = (*x.shape[:-num_dims], *([1] * num_dims))
+    return pooled if pooled.dim() == x.dim() and rows == 1 else pooled.reshape((-1, *keepdim_shape[1:]))
 
 
 class DecomposedLayerNorm(nn.Module):
-    """LayerNorm over the last ``num_dims`` dims from sub/mul/rsqrt and 4D means.
+    """LayerNorm over the last ``num_dims`` dims from linear/sub/mul/rsqrt (and 4D means).
 
-    ``weight`` and ``bias`` are shared with the module it replaces and broadcast over the last
-    dim (the channels), as in the reference modules.
+    Over the ``channels`` alone (``num_dims == 1``) each mean is one ``C -> 1`` linear with weights
+    ``1/C``; over more dims it is a global average pool of a 4D view. ``weight`` and ``bias`` (either
+    may be ``None``) are shared with the module it replaces and broadcast over the last dim, as in
+    the reference modules. ``eps`` and the averaging weights are buffers, so they follow the model's
+    dtype (a Python float would become an fp32 constant and a cast XNNPACK does not take).
     """
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, eps: float, num_dims: int) -> None:
+    def __init__(self, channels: int, weight: nn.Parameter | None, bias: nn.Parameter | None, eps: float,
+                 num_dims: int) -> None:
         super().__init__()
         self.weight = weight
         self.bias = bias
-        self.eps = eps
         self.num_dims = num_dims
+        self.register_buffer("eps", torch.tensor(eps), persistent=False)
+        self.register_buffer("average", torch.full((1, channels), 1.0 / channels), persistent=False)
+
+    def _mean(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.average) if self.num_dims == 1 else mean_trailing(x, self.num_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x - mean_trailing(x, self.num_dims)
-        var = mean_trailing(centred * centred, self.num_dims)
-        x = centred * torch.rsqrt(var + self.eps)
-        x = x * self.weight if self.weight is not None else x  # None: folded away (mf_edge.rewrites)
+        centred = x - self._mean(x)
+        x = centred * torch.rsqrt(self._mean(centred * centred) + self.eps)
+        if self.weight is not None:
+            x = x * self.weight
         return x + self.bias if self.bias is not None else x
 
 
@@ -76,7 +89,8 @@ class BmmAttention(nn.Module):
 
     def __init__(self, source: Attention) -> None:
         super().__init__()
-        self.num_heads, self.head_dim, self.scale = source.num_heads, source.head_dim, source.scale
+        self.num_heads, self.head_dim = source.num_heads, source.head_dim
+        self.register_buffer("scale", torch.tensor(source.scale), persistent=False)
         inner = self.num_heads * self.head_dim
         for i, name in enumerate(("q", "k", "v")):
             linear = nn.Linear(source.qkv.in_features, inner, bias=False)
@@ -105,7 +119,7 @@ class GlobalPoolMetaFormer(nn.Module):
         super().__init__()
         self.downsample_layers, self.stages = source.downsample_layers, source.stages
         self.norm, self.head = source.norm, source.head
-        for attr in ("mf_edge_info", "mf_edge_weights", "num_classes"):
+        for attr in ("mf_edge_info", "mf_edge_weights", "mf_edge_rewrites", "num_classes"):
             if hasattr(source, attr):
                 setattr(self, attr, getattr(source, attr))
 
@@ -119,12 +133,15 @@ class GlobalPoolMetaFormer(nn.Module):
 def _replacement(module: nn.Module) -> nn.Module | None:
     if isinstance(module, LayerNormGeneral):
         dims = sorted(d % 4 for d in module.normalized_dim)
-        trailing = len(dims) if dims == list(range(4 - len(dims), 4)) else None
-        return DecomposedLayerNorm(module.weight, module.bias, module.eps, trailing) if trailing else None
+        trailing = len(dims) if dims == list(range(4 - len(dims), 4)) else 0
+        channels = module.weight.numel() if module.weight is not None else None
+        if not trailing or (trailing == 1 and channels is None):  # not a trailing-dims norm, or C unknown
+            return None
+        return DecomposedLayerNorm(channels or 1, module.weight, module.bias, module.eps, trailing)
     if isinstance(module, LayerNormWithoutBias):
-        return DecomposedLayerNorm(module.weight, None, module.eps, 1)
+        return DecomposedLayerNorm(module.weight.numel(), module.weight, None, module.eps, 1)
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
-        return DecomposedLayerNorm(module.weight, module.bias, module.eps, 1)
+        return DecomposedLayerNorm(module.normalized_shape[0], module.weight, module.bias, module.eps, 1)
     if isinstance(module, RandomMixing):
         return LinearRandomMixing(module)
     if isinstance(module, Attention):
@@ -143,3 +160,25 @@ def rewrite_for_xnnpack(model: nn.Module) -> nn.Module:
     if hasattr(rewritten, "forward_features") and hasattr(rewritten, "downsample_layers"):
         rewritten = GlobalPoolMetaFormer(rewritten)
     return rewritten.eval()
+
+
+def infer_symbolic_view_dims(graph_module: GraphModule) -> PassResult:
+    """Edge pass: a ``view_copy`` whose size has exactly one symbolic entry gets ``-1`` there instead.
+
+    Exact: the other sizes are static, so ``-1`` infers the same value; the symbolic arithmetic that
+    computed it becomes dead and is removed. XNNPACK then takes the reshape (it refuses symbolic sizes).
+    """
+    changed = False
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or "view_copy" not in str(node.target) or len(node.args) < 2:
+            continue
+        shape = list(node.args[1])
+        symbolic = [i for i, size in enumerate(shape) if not isinstance(size, int)]
+        if len(symbolic) == 1 and -1 not in shape:
+            shape[symbolic[0]] = -1
+            node.args = (node.args[0], shape, *node.args[2:])
+            changed = True
+    if changed:
+        graph_module.graph.eliminate_dead_code()
+        graph_module.recompile()
+    return PassResult(graph_module, changed)

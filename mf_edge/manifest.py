@@ -57,7 +57,7 @@ def preprocessing_dict(prep: Preprocessing) -> dict:
 
 def build_manifest(spec: ExportSpec, model_facts: dict, weights: dict, target: str, artifact: str,
                    details: dict, parity: dict, out_dir: Path, quantization: dict | None = None,
-                   labels: str | None = None) -> dict:
+                   labels: dict | None = None, rewrites: dict | None = None) -> dict:
     """The manifest of the output folder ``out_dir`` (files already written, parity already run)."""
     return {
         "format": FORMAT,
@@ -73,6 +73,7 @@ def build_manifest(spec: ExportSpec, model_facts: dict, weights: dict, target: s
         "labels": labels,
         "spec": spec.to_dict(),
         "quantization": quantization,
+        "rewrites": rewrites or {},
         "tools": tool_versions(),
         "files": file_facts(out_dir),
         "parity": parity_summary(parity),

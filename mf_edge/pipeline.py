@@ -16,15 +16,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from mf_edge import parity as parity_lib
 from mf_edge.console import note, step
 from mf_edge.converters import ExportResult, Target, get_target
-from mf_edge.data import ParityInputs, parity_inputs
+from mf_edge.data import ParityInputs, load_image, parity_inputs, preprocess
 from mf_edge.errors import RuntimeUnavailable, UserError
-from mf_edge.labels import IMAGENET_1K, labels_for
-from mf_edge.manifest import LABELS, MANIFEST, PARITY, build_manifest, write_json
+from mf_edge.labels import IMAGENET_1K, label_name, labels_for
+from mf_edge.manifest import (
+    LABELS,
+    MANIFEST,
+    PARITY,
+    build_manifest,
+    read_manifest,
+    spec_from_manifest,
+    write_json,
+)
+from mf_edge.models.zoo import ModelInfo, get_model_info
 from mf_edge.publish import check_output, staged_output
 from mf_edge.rewrites import rewrite_for_deployment
 from mf_edge.spec import ExportSpec
@@ -40,6 +50,7 @@ class Quantized:
     module: nn.Module
     references: dict[str, nn.Module]
     details: dict | None = None
+    rewrites: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -72,34 +83,51 @@ def resolve_precision(target: Target, precision: str | None) -> str:
     return precision
 
 
-def make_spec(model: nn.Module, target: Target, precision: str | None = None, image_size: int | None = None,
-              batch_size: int = 1, dynamic_batch: bool = False, options: dict | None = None) -> ExportSpec:
-    """The ``ExportSpec`` of one request: checked shape and precision, the model's preprocessing."""
-    info = model.mf_edge_info
+def make_spec(model: nn.Module | ModelInfo, target: Target, precision: str | None = None,
+              image_size: int | None = None, batch_size: int = 1, dynamic_batch: bool = False,
+              options: dict | None = None) -> ExportSpec:
+    """The ``ExportSpec`` of one request: checked shape and precision, the model's preprocessing.
+
+    ``model`` is a model from ``create_model`` (its head's class count is used) or, to check a
+    request before loading any weights, a ``ModelInfo``.
+    """
+    info = model if isinstance(model, ModelInfo) else model.mf_edge_info
     return ExportSpec.for_model(info, image_size=image_size, batch_size=batch_size,
                                 dynamic_batch=dynamic_batch, precision=resolve_precision(target, precision),
                                 num_classes=getattr(model, "num_classes", None), **(options or {}))
 
 
+def prepare_for_target(model: nn.Module, spec: ExportSpec, target: Target) -> nn.Module:
+    """The float model as ``target`` exports it: deployment rewrites, then the target's own ``prepare``.
+
+    ``mf-edge calibrate`` calibrates this same model, so its statistics fit the graph ``quantize`` builds.
+    """
+    rewritten = rewrite_for_deployment(model, target.name)  # exact folds (mf_edge.rewrites)
+    prepare = getattr(target, "prepare", None)
+    prepared = prepare(rewritten, spec) if prepare is not None else rewritten
+    prepared.mf_edge_rewrites = dict(getattr(rewritten, "mf_edge_rewrites", {}))  # type: ignore[attr-defined]
+    return prepared
+
+
 def quantize(model: nn.Module, spec: ExportSpec, target: Target,
              ptq_options: dict | None = None) -> Quantized:
-    """Step 2: the target's export-time rewrite, then PTQ for ``int8``/``w8``.
+    """Step 2: the deployment rewrites and the target's own (``Target.prepare``), then PTQ for
+    ``int8``/``w8`` (``ptq_options`` go to ``quantize_for_export`` with the target's name).
 
     References for parity: the original float model, plus the PTQ simulation when quantized.
     """
-    prepare = getattr(target, "prepare", None)
-    rewritten = rewrite_for_deployment(model, target.name)  # exact folds (mf_edge.rewrites)
-    prepared = prepare(rewritten, spec) if prepare is not None else rewritten
+    prepared = prepare_for_target(model, spec, target)
+    rewrites = dict(getattr(prepared, "mf_edge_rewrites", {}))
     if spec.precision not in QUANTIZED_PRECISIONS:
-        return Quantized(prepared, {"float": model})
+        return Quantized(prepared, {"float": model}, rewrites=rewrites)
     try:
         from mf_edge.calibration import quantize_for_export
     except ImportError:
         raise UserError(f"{spec.precision} export needs post-training quantization, which this install "
                         "lacks (mf_edge.calibration.quantize_for_export); use --precision fp32 or "
                         "fp16.") from None
-    result = quantize_for_export(prepared, spec, dict(ptq_options or {}))
-    return Quantized(result.module, {"float": model, "simulated": result.simulated}, result.details)
+    result = quantize_for_export(prepared, spec, {"target": target.name} | dict(ptq_options or {}))
+    return Quantized(result.module, {"float": model, "simulated": result.simulated}, result.details, rewrites)
 
 
 def export(target: Target, module: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
@@ -143,7 +171,7 @@ def model_facts(model: nn.Module, spec: ExportSpec) -> dict:
 
 
 def publish(staging: Path, model: nn.Module, spec: ExportSpec, target: Target, result: ExportResult,
-            report: dict, quantization: dict | None) -> dict:
+            report: dict, quantized: Quantized) -> dict:
     """Step 5 (inside the staging folder): labels, ``parity.json`` and ``manifest.json``.
 
     ``staged_output`` then moves the folder into place atomically.
@@ -153,8 +181,9 @@ def publish(staging: Path, model: nn.Module, spec: ExportSpec, target: Target, r
         (staging / LABELS).write_text("\n".join(labels) + "\n")
     write_json(staging / PARITY, report)
     manifest = build_manifest(spec, model_facts(model, spec), model.mf_edge_weights, target.name,
-                              target.artifact, result.details, report, staging, quantization,
-                              {"set": IMAGENET_1K, "file": LABELS} if labels is not None else None)
+                              target.artifact, result.details, report, staging, quantized.details,
+                              {"set": IMAGENET_1K, "file": LABELS} if labels is not None else None,
+                              quantized.rewrites)
     write_json(staging / MANIFEST, manifest)
     return manifest
 
@@ -187,12 +216,16 @@ def convert(
     """
     chosen = get_target(target)
     if isinstance(model, str):
+        # check the request and the output folder before loading (maybe downloading) any weights
+        requested = make_spec(get_model_info(model), chosen, precision, image_size, batch_size, dynamic_batch,
+                              target_options)
+        check_output(Path(output) if output else default_output(requested, chosen), force)
         float_model = load_model(model, weights, image_size=image_size, seed=seed)
     else:
-        float_model = model.eval()
-        if not hasattr(float_model, "mf_edge_info"):
+        if not hasattr(model, "mf_edge_info"):
             raise UserError("convert() needs a model made by mf_edge.create_model (it carries the model's "
                             "metadata); pass the model's name instead.")
+        float_model = model.eval()
     spec = make_spec(float_model, chosen, precision, image_size, batch_size, dynamic_batch, target_options)
     destination = check_output(Path(output) if output else default_output(spec, chosen), force)
     inputs = parity_inputs(spec, images)
@@ -201,7 +234,65 @@ def convert(
         result = export(chosen, quantized.module, spec, staging)
         report = verify(chosen, staging, spec, quantized.references, inputs)
         parity_lib.raise_on_failure(report, f"{spec.model} ({chosen.name}, {spec.precision})")
-        manifest = publish(staging, float_model, spec, chosen, result, report, quantized.details)
+        manifest = publish(staging, float_model, spec, chosen, result, report, quantized)
     note(parity_lib.summary(report))
     note(f"wrote {destination}")
     return Conversion(destination, manifest, report)
+
+
+# ---------------------------------------------------------------- entering the path at a published folder
+
+
+def load_published(output_dir: str | Path) -> tuple[dict, ExportSpec, Target]:
+    """An output folder's manifest, the spec it was made with and its target."""
+    manifest = read_manifest(output_dir)
+    return manifest, spec_from_manifest(manifest), get_target(manifest["target"])
+
+
+def rebuild_float_model(manifest: dict) -> nn.Module:
+    """The float model an output folder was made from: same name, weights (sha256-checked) or seed."""
+    weights, spec = manifest["weights"], spec_from_manifest(manifest)
+    source = weights.get("source", "random")
+    if source == "random":
+        choice: str | Path = "random"
+    elif weights.get("path") and Path(weights["path"]).is_file():
+        choice = Path(weights["path"])
+    elif source == "imagenet":
+        choice = "imagenet"
+    else:
+        raise UserError(f"the checkpoint {weights.get('path')} this artifact was made from is gone; "
+                        "restore it or convert again.")
+    model = load_model(manifest["model"]["name"], choice, image_size=spec.image_size,
+                       seed=weights.get("seed") or 0, num_classes=spec.num_classes)
+    if weights.get("sha256") and model.mf_edge_weights["sha256"] != weights["sha256"]:
+        raise UserError(f"the weights at {model.mf_edge_weights['path']} differ from the ones this artifact "
+                        "was made from (sha256 mismatch); convert again with the current weights.")
+    return model
+
+
+def recheck(output_dir: str | Path, images: str | Path | None = None) -> dict:
+    """Re-run parity on a published artifact against the rebuilt references (the folder is not changed)."""
+    manifest, spec, target = load_published(output_dir)
+    model = rebuild_float_model(manifest)
+    references: dict[str, nn.Module] = {"float": model}
+    if spec.precision in QUANTIZED_PRECISIONS:
+        options = (manifest.get("quantization") or {}).get("options")
+        references = quantize(model, spec, target, options).references
+    return verify(target, Path(output_dir), spec, references, parity_inputs(spec, images))
+
+
+Prediction = list[tuple[str, float, float]]
+
+
+def predict(output_dir: str | Path, images: list[str | Path], top: int = 5) -> list[Prediction]:
+    """Top-``top`` ``(class name, probability, logit)`` per image, from the artifact in its own runtime."""
+    manifest, spec, target = load_published(output_dir)
+    runtime = target.runtime(Path(output_dir), spec)
+    batch = preprocess([load_image(path) for path in images], spec.preprocessing)
+    logits = parity_lib.runtime_logits(runtime, batch, spec.batch_size, spec.dynamic_batch)
+    labels_file = Path(output_dir) / LABELS
+    labels = labels_file.read_text().splitlines() if labels_file.is_file() else None
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities = shifted / shifted.sum(1, keepdims=True)
+    return [[(label_name(int(i), labels), float(p[i]), float(row[i])) for i in np.argsort(-row)[:top]]
+            for row, p in zip(logits, probabilities, strict=True)]

@@ -1,0 +1,155 @@
+"""``mf-edge convert``, ``mf-edge parity`` and ``mf-edge predict``: the pipeline from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mf_edge.cli import app
+from mf_edge.console import set_quiet
+from mf_edge.errors import UserError
+
+PTQ_HELP = "PTQ (int8/w8 only): "
+
+
+def ptq_options(precision: str, calibration: Path | None, calib_data: Path | None, calib_size: int,
+                observer: str | None, keep_float: list[str] | None, max_drop: float | None) -> dict | None:
+    """The PTQ options for ``quantize_for_export``; given for a float precision they are a ``UserError``."""
+    given = {"calibration": calibration, "calib_data": calib_data, "observer": observer,
+             "keep_float": keep_float or None, "max_drop": max_drop}
+    if precision not in ("int8", "w8"):
+        used = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+        if used:
+            raise UserError(f"PTQ options ({', '.join(used)}) only apply to --precision int8 or w8, not "
+                            f"{precision}; drop them or pick a quantized precision.")
+        return None
+    if calib_size <= 0:
+        raise UserError(f"--calib-size must be at least 1, got {calib_size}.")
+    return {"calibration": calibration, "calib_data": calib_data, "calib_size": calib_size,
+            "observer": observer, "keep_float": list(keep_float or []), "max_drop": max_drop}
+
+
+OPTION_FLAGS = {"minimum_deployment_target": "--deployment-target", "workspace_mib": "--workspace"}
+
+
+def target_options(target, **given) -> dict:
+    """The target-specific options that were given; one for another target is a ``UserError``."""
+    used = {name: value for name, value in given.items() if value not in (None, False)}
+    wrong = [OPTION_FLAGS.get(name, f"--{name.replace('_', '-')}") for name in used
+             if name not in getattr(target, "options", ())]
+    if wrong:
+        raise UserError(f"{', '.join(wrong)} do not apply to --target {target.name}; drop them.")
+    return {name: str(value) if isinstance(value, Path) else value for name, value in used.items()}
+
+
+@app.command("convert")
+def convert_command(
+    model: str = typer.Argument(..., help="Zoo name, e.g. caformer_s18 (see `mf-edge models`)."),
+    target: str = typer.Option(..., "--target", "-t", help="coreml, executorch, onnx or tensorrt."),
+    weights: str = typer.Option("imagenet", "--weights", help="imagenet, random or a checkpoint path."),
+    precision: str = typer.Option(None, "--precision", "-p", help="fp32, fp16, int8 or w8 (default: Core ML "
+                                  "fp16, ExecuTorch fp32, ONNX fp32, TensorRT fp16)."),
+    image_size: int = typer.Option(None, "--image-size", help="Input size, a multiple of 32 (default: the "
+                                   "model's)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Batch of the artifact's input."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Batch dimension left free."),
+    images: Path = typer.Option(None, "--images", help="Folder of images for the parity check (default: "
+                                "scikit-learn's sample photos + seeded noise)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Output folder (default: "
+                                "mf-edge-out/<model>-<target>-<precision>)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --weights random."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, only the result line."),
+    calibration: Path = typer.Option(None, "--calibration", help=PTQ_HELP + "saved calibration file."),
+    calib_data: Path = typer.Option(None, "--calib-data", help=PTQ_HELP + "folder of calibration images."),
+    calib_size: int = typer.Option(256, "--calib-size", help=PTQ_HELP + "calibration images to use."),
+    observer: str = typer.Option(None, "--observer", help=PTQ_HELP + "activation observer."),
+    keep_float: list[str] = typer.Option(None, "--keep-float", help=PTQ_HELP + "module name pattern left in "
+                                         "float (repeatable)."),
+    max_drop: float = typer.Option(None, "--max-drop", help=PTQ_HELP + "largest accepted accuracy drop."),
+    classifier: bool = typer.Option(False, "--classifier", help="Core ML: a classifier (classLabel + "
+                                    "per-label logits) instead of a logits output."),
+    deployment_target: str = typer.Option(None, "--deployment-target", help="Core ML: minimum deployment "
+                                          "target, e.g. iOS16, iOS17 (default), macOS14."),
+    workspace: int = typer.Option(None, "--workspace", help="TensorRT: builder workspace limit in MiB."),
+    timing_cache: Path = typer.Option(None, "--timing-cache", help="TensorRT: timing cache file (read and "
+                                      "updated)."),
+    max_batch: int = typer.Option(None, "--max-batch", help="TensorRT: largest batch of the --dynamic-batch "
+                                  "profile."),
+) -> None:
+    """Convert a model for a target, verify it in the target's runtime and publish the output folder."""
+    from mf_edge.converters import get_target
+    from mf_edge.pipeline import convert
+
+    set_quiet(quiet)
+    chosen = get_target(target)
+    ptq = ptq_options(precision or chosen.default_precision, calibration, calib_data, calib_size, observer,
+                      keep_float, max_drop)
+    options = target_options(chosen, classifier=classifier, minimum_deployment_target=deployment_target,
+                             workspace_mib=workspace, timing_cache=timing_cache, max_batch=max_batch)
+    result = convert(model, target, precision=precision, weights=weights, image_size=image_size,
+                     batch_size=batch_size, dynamic_batch=dynamic_batch, images=images, output=output,
+                     force=force, seed=seed, target_options=options, ptq_options=ptq)
+    status = result.parity["status"]
+    Console().print(f"{result.artifact}  (parity: {status}"
+                    + (f", {result.parity['reason']})" if status != "pass" else ")"), highlight=False,
+                    markup=False)
+
+
+def _parity_table(report: dict) -> Table:
+    table = Table(title=f"parity: {report['status']} ({report['runtime']}, {report['precision']}, "
+                        f"{report['inputs']['count']} images)")
+    for column in ("reference", "cosine (min)", "top-1", "top-5", "max abs err", "mean abs err", "enforced"):
+        table.add_column(column, justify="left" if column == "reference" else "right")
+    for name, result in report["references"].items():
+        m = result["metrics"]
+        table.add_row(name, f"{m['cosine']:.6f}", f"{m['top1_agreement']:.1%}", f"{m['top5_overlap']:.1%}",
+                      f"{m['max_abs_error']:.3e}", f"{m['mean_abs_error']:.3e}",
+                      ("pass" if result["passed"] else "FAIL") if result["enforced"] else "-")
+    return table
+
+
+@app.command("parity")
+def parity_command(
+    output_dir: Path = typer.Argument(..., help="An output folder written by `mf-edge convert`."),
+    images: Path = typer.Option(None, "--images", help="Folder of images (default: the convert defaults)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
+) -> None:
+    """Re-run the parity check of an existing artifact against the float model it was made from."""
+    from mf_edge import parity as parity_lib
+    from mf_edge.pipeline import recheck
+
+    set_quiet(quiet)
+    report = recheck(output_dir, images)
+    console = Console()
+    if as_json:
+        console.print_json(json.dumps(report, default=str))
+    elif report["status"] == parity_lib.NOT_RUN:
+        console.print(parity_lib.summary(report), highlight=False)
+    else:
+        console.print(_parity_table(report))
+    parity_lib.raise_on_failure(report, str(output_dir))
+
+
+@app.command("predict")
+def predict_command(
+    output_dir: Path = typer.Argument(..., help="An output folder written by `mf-edge convert`."),
+    images: list[Path] = typer.Argument(..., help="Images to classify."),
+    top: int = typer.Option(5, "--top", help="Classes to print per image."),
+) -> None:
+    """Classify images with a converted artifact, in its own runtime: top classes with ImageNet names."""
+    from mf_edge.pipeline import predict
+
+    for path, classes in zip(images, predict(output_dir, images, top), strict=True):
+        table = Table(title=str(path), title_justify="left")
+        for column in ("#", "class", "probability", "logit"):
+            table.add_column(column, justify="left" if column == "class" else "right")
+        for rank, (name, probability, logit) in enumerate(classes, 1):
+            table.add_row(str(rank), name, f"{probability:.3f}", f"{logit:.3f}")
+        Console().print(table)
+
