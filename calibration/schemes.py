@@ -1,0 +1,275 @@
+"""Quantization schemes: what each target quantizes, as data, turned into a PT2E quantizer in one place.
+
+A ``Scheme`` names the weight and activation formats, which operators get quantized inputs and
+whether residual adds get a Q/DQ pair. Targets differ only in their scheme:
+
+- ExecuTorch ``int8``: executorch's ``XNNPACKQuantizer`` with ``get_symmetric_quantization_config(
+  is_per_channel=True)`` on convolutions and linears (XNNPACK's int8 kernels); ``w8``: the same
+  quantizer with ``is_dynamic=True`` on linears (int8 weights, activations quantized per batch at run
+  time). Elementwise ops stay fp32: on MetaFormer, quantizing StarReLU's squares and the residual
+  stream costs far more accuracy than it saves time.
+- ONNX / TensorRT ``int8``: symmetric int8 activations (zero point 0), per-channel symmetric int8
+  weights, Q/DQ on the inputs of conv, linear and matmul (TensorRT's explicit-quantization layout).
+  TensorRT's scheme also quantizes the skip input of residual adds, so TensorRT can fuse the add into
+  the preceding GEMM's int8 epilogue.
+- Core ML ``int8``: the same layout with affine (zero-point) activations, which coremltools 9 turns
+  into ``quantize``/``dequantize`` ops and ``constexpr`` int8 weights.
+- ``w8`` (ONNX, Core ML): int8 per-channel symmetric weights only, activations float. Core ML applies
+  it after conversion (``coremltools.optimize.coreml.linear_quantize_weights``); the PT2E version of
+  the scheme is its PyTorch simulation.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+import torch
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e import PerChannelMinMaxObserver
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
+
+from mf_edge.calibration.observers import activation_observer
+from mf_edge.errors import UserError
+
+aten = torch.ops.aten
+OPS = {"conv2d": aten.conv2d.default, "linear": aten.linear.default, "matmul": aten.matmul.default}
+GEMMS = {aten.conv2d.default, aten.linear.default, aten.matmul.default, aten.bmm.default, aten.mm.default}
+SHAPE_OPS = {aten.permute.default, aten.reshape.default, aten.view.default, aten.transpose.int,
+             aten.flatten.using_ints, aten.contiguous.default, aten.clone.default, aten.mul.Tensor}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One target's quantization recipe (see the module docstring)."""
+
+    name: str
+    quantizer: str  # "xnnpack" (executorch's XNNPACKQuantizer) or "qdq" (QDQQuantizer below)
+    ops: tuple[str, ...]
+    activations: str | None  # "symmetric", "affine", "dynamic" or None (weight-only)
+    weights: str = "int8 per-channel symmetric"
+    residual_adds: bool = False
+    applied_by: str = "pt2e"  # "pt2e", or "coremltools" (w8 compressed after conversion)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the scheme has static activation ranges, i.e. needs calibration images."""
+        return self.activations in ("symmetric", "affine")
+
+    def describe(self) -> dict:
+        return {"name": self.name, "quantizer": self.quantizer, "ops": list(self.ops),
+                "weights": self.weights,
+                "activations": f"int8 per-tensor {self.activations}" if self.calibrated
+                else ("int8 dynamic per batch" if self.activations == "dynamic" else "float"),
+                "residual_adds": self.residual_adds, "applied_by": self.applied_by}
+
+
+GEMM_OPS = ("conv2d", "linear", "matmul")
+SCHEMES: dict[tuple[str, str], Scheme] = {
+    ("executorch", "int8"): Scheme("xnnpack-w8a8", "xnnpack", ("conv2d", "linear"), "affine"),
+    ("executorch", "w8"): Scheme("xnnpack-dynamic-w8", "xnnpack", ("linear",), "dynamic"),
+    ("onnx", "int8"): Scheme("qdq-w8a8", "qdq", GEMM_OPS, "symmetric"),
+    ("onnx", "w8"): Scheme("qdq-weight-only-w8", "qdq", ("conv2d", "linear"), None),
+    ("tensorrt", "int8"): Scheme("tensorrt-qdq-w8a8", "qdq", GEMM_OPS, "symmetric", residual_adds=True),
+    ("coreml", "int8"): Scheme("coreml-w8a8", "qdq", GEMM_OPS, "affine"),
+    ("coreml", "w8"): Scheme("coreml-weight-only-w8", "qdq", ("conv2d", "linear"), None,
+                             applied_by="coremltools"),
+}
+
+
+def scheme_for(target: str, precision: str) -> Scheme:
+    """The scheme of ``target`` at ``precision`` (``int8`` or ``w8``); others raise ``UserError``."""
+    if (target, precision) not in SCHEMES:
+        choices = ", ".join(f"{t} {p}" for t, p in SCHEMES)
+        raise UserError(f"no quantization scheme for {target} {precision}; quantized exports are: {choices}.")
+    return SCHEMES[(target, precision)]
+
+
+def calibrated_targets() -> list[str]:
+    """Targets whose ``int8`` scheme needs calibration, in a stable order."""
+    return [target for (target, precision), scheme in SCHEMES.items() if scheme.calibrated]
+
+
+# ---------------------------------------------------------------- quantization specs
+
+
+def activation_spec(scheme: Scheme, observer: str) -> QuantizationSpec:
+    """Per-tensor int8 activations: zero point 0 for ``symmetric``, free for ``affine``."""
+    qscheme = torch.per_tensor_symmetric if scheme.activations == "symmetric" else torch.per_tensor_affine
+    return QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=qscheme,
+                            observer_or_fake_quant_ctr=activation_observer(observer))
+
+
+def weight_spec() -> QuantizationSpec:
+    """Per-output-channel symmetric int8 weights in ``[-127, 127]``."""
+    return QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127,
+                            qscheme=torch.per_channel_symmetric, ch_axis=0,
+                            observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(eps=2**-12))
+
+
+# ---------------------------------------------------------------- keeping layers in float
+
+
+def module_names(node: Node) -> list[str]:
+    """The names of the modules a graph node was traced in, outermost first (``stages.0.0.mlp.fc1``)."""
+    return [name for name, _ in node.meta.get("nn_module_stack", {}).values() if name]
+
+
+def matches_keep_float(name: str, patterns: Iterable[str]) -> bool:
+    """Whether module ``name`` or one of the modules holding it matches a ``--keep-float`` pattern."""
+    parts = name.split(".")
+    owners = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(owner, pattern) for owner in owners for pattern in patterns)
+
+
+def keep_float_filter(patterns: Iterable[str]) -> Callable[[Node], bool]:
+    """``filter(node)``: True where the node may be quantized (no module name matches a pattern)."""
+    patterns = tuple(patterns)
+
+    def quantizable(node: Node) -> bool:
+        return not any(matches_keep_float(name, patterns) for name in module_names(node))
+
+    return quantizable
+
+
+def check_keep_float(patterns: Iterable[str], model: torch.nn.Module) -> None:
+    """Every ``--keep-float`` pattern must match a module of ``model``; else a ``UserError``."""
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            example = next((n for n in names if n.endswith("fc1")), names[0] if names else "head")
+            raise UserError(f"--keep-float {pattern!r} matches no layer of the model; layer names look like "
+                            f"{example!r} (shell patterns, e.g. 'head.*').")
+
+
+# ---------------------------------------------------------------- quantizers
+
+
+class QDQQuantizer(Quantizer):
+    """Q/DQ on the inputs of the scheme's ops: activations per tensor, weights per output channel.
+
+    With ``scheme.residual_adds`` the skip input of a residual add (the operand that is not a GEMM
+    output) is quantized too.
+    """
+
+    def __init__(self, scheme: Scheme, observer: str, quantizable: Callable[[Node], bool]) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.quantizable = quantizable
+        self.activation = activation_spec(scheme, observer) if scheme.calibrated else None
+        self.weight = weight_spec()
+        self.targets = {OPS[op] for op in scheme.ops}
+
+    def annotate(self, model: GraphModule) -> GraphModule:
+        for node in model.graph.nodes:
+            if node.op != "call_function" or not self.quantizable(node):
+                continue
+            inputs = self._input_specs(node)
+            if inputs:
+                node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=inputs,
+                                                                               _annotated=True)
+        return model
+
+    def _input_specs(self, node: Node) -> dict[Node, QuantizationSpec]:
+        if node.target in self.targets:
+            if node.target == aten.matmul.default:
+                return {arg: self.activation for arg in node.args[:2]
+                        if isinstance(arg, Node) and self.activation is not None}
+            specs = {node.args[1]: self.weight}
+            if self.activation is not None:
+                specs[node.args[0]] = self.activation
+            return specs
+        if self.scheme.residual_adds and self.activation is not None and node.target == aten.add.Tensor:
+            skip = residual_skip_input(node)
+            if skip is not None:
+                return {skip: self.activation}
+        return {}
+
+    def validate(self, model: GraphModule) -> None:
+        pass
+
+
+def _from_gemm(node: Node) -> bool:
+    """Whether ``node`` is a GEMM output, possibly through reshapes, permutes or a scale."""
+    while node.op == "call_function":
+        if node.target in GEMMS:
+            return True
+        if node.target not in SHAPE_OPS or not isinstance(node.args[0], Node):
+            return False
+        node = node.args[0]
+    return False
+
+
+def residual_skip_input(add: Node) -> Node | None:
+    """The skip operand of ``add`` when exactly one operand is a GEMM output (a residual add)."""
+    a, b = add.args[:2]
+    if not (isinstance(a, Node) and isinstance(b, Node)) or "val" not in a.meta or "val" not in b.meta:
+        return None
+    if a.meta["val"].shape != b.meta["val"].shape:
+        return None
+    from_a, from_b = _from_gemm(a), _from_gemm(b)
+    if from_a == from_b:
+        return None
+    return b if from_a else a
+
+
+DATA_MOVEMENT = {aten.permute.default, aten.transpose.int, aten.reshape.default, aten.view.default,
+                 aten.flatten.using_ints, aten.squeeze.dim, aten.slice.Tensor, aten.dropout.default}
+
+
+def share_through_data_movement(model: GraphModule) -> None:
+    """Give data-movement ops after a quantized output the same qparams (values unchanged, so lossless).
+
+    XNNPACK's own propagation also shares through ``mean``; a mean's range is far narrower than its
+    input's (e.g. the statistics of a rewritten GroupNorm), so sharing there wipes it out.
+    """
+    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
+
+    for node in model.graph.nodes:
+        if node.op != "call_function" or node.target not in DATA_MOVEMENT:
+            continue
+        if not isinstance(node.args[0], Node):
+            continue
+        previous = node.args[0].meta.get("quantization_annotation")
+        current = node.meta.get("quantization_annotation")
+        if previous is None or previous.output_qspec is None or (current is not None and current._annotated):
+            continue
+        shared = SharedQuantizationSpec(node.args[0])
+        node.meta["quantization_annotation"] = QuantizationAnnotation(
+            input_qspec_map={node.args[0]: shared}, output_qspec=shared, _annotated=True)
+
+
+def xnnpack_quantizer(scheme: Scheme, observer: str, quantizable: Callable[[Node], bool]) -> Quantizer:
+    """executorch's ``XNNPACKQuantizer`` on the scheme's ops, with the chosen activation observer."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    class GemmXNNPACKQuantizer(XNNPACKQuantizer):
+        """XNNPACK's annotations, shared only through data-movement ops (see above)."""
+
+        def annotate(self, model: GraphModule) -> GraphModule:
+            model = self._annotate_for_quantization_config(model)
+            share_through_data_movement(model)
+            return model
+
+    dynamic = scheme.activations == "dynamic"
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+    if scheme.calibrated:
+        spec = replace(config.input_activation, observer_or_fake_quant_ctr=activation_observer(observer))
+        config = replace(config, input_activation=spec, output_activation=spec)
+    quantizer = GemmXNNPACKQuantizer()
+    for op in scheme.ops:
+        quantizer.set_operator_type(OPS[op], config)
+    quantizer.set_filter_function(quantizable)
+    return quantizer
+
+
+def build_quantizer(scheme: Scheme, observer: str, keep_float: Iterable[str] = ()) -> Quantizer:
+    """The PT2E quantizer of ``scheme``: the one place a scheme becomes a quantizer."""
+    quantizable = keep_float_filter(keep_float)
+    if scheme.quantizer == "xnnpack":
+        return xnnpack_quantizer(scheme, observer, quantizable)
+    return QDQQuantizer(scheme, observer, quantizable)
