@@ -100,8 +100,10 @@ def model_metadata(info: ModelInfo, weights: dict, spec: ExportSpec) -> dict[str
         license_text = f"weights: {WEIGHTS_LICENSE}"
     elif source == "random":
         license_text = f"weights: random initialisation (seed {weights.get('seed')}), no license attached"
-    else:
+    elif source == "path":
         license_text = "weights: user-supplied checkpoint; see its own license"
+    else:
+        license_text = "weights: not recorded on the exported module; see the output folder's manifest.json"
     prep = spec.preprocessing
     user = {
         "mf_edge.model": info.name,
@@ -277,7 +279,7 @@ class CoreMLTarget:
                             f"not {spec.precision!r}; pick one with --precision.")
         _check_batch(spec)
         info = getattr(model, "mf_edge_info", None) or get_model_info(spec.model)
-        weights = getattr(model, "mf_edge_weights", None) or {"source": "random"}
+        weights = getattr(model, "mf_edge_weights", None) or {"source": "unknown"}
         target = deployment_target(spec.options.get("minimum_deployment_target"))
         classifier = bool(spec.options.get("classifier", False))
         wrapped = ImageNormalisation(model, spec.preprocessing.mean, spec.preprocessing.std).eval()

@@ -3,7 +3,9 @@ metadata, deployment target, compute precision); the baked-in normalisation is t
 
 from __future__ import annotations
 
+import json
 import platform
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from torchvision.transforms import v2
 
 from mf_edge import create_model
+from mf_edge.cli import main
 from mf_edge.converters import get_target
 from mf_edge.converters.coreml import (
     ImageNormalisation,
@@ -51,9 +54,17 @@ def fp16_packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def fp32_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path, _ = convert("identityformer_s12", tmp_path_factory.mktemp("classifier"), precision="fp32",
-                      classifier=True, minimum_deployment_target="iOS16")
-    return path
+    """``mf-edge convert ... --classifier --deployment-target iOS16`` (fp32, 64 px, random weights)."""
+    out = tmp_path_factory.mktemp("classifier") / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "identityformer_s12", "--target", "coreml", "--weights", "random", "--image-size",
+              str(SIZE), "--precision", "fp32", "--classifier", "--deployment-target", "iOS16",
+              "-o", str(out), "--quiet"])
+    assert exit_info.value.code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["spec"]["options"] == {"classifier": True, "minimum_deployment_target": "iOS16"}
+    assert manifest["details"]["minimum_deployment_target"] == "iOS16" and manifest["details"]["classifier"]
+    return out / "model.mlpackage"
 
 
 def tensor_dtypes(spec) -> Counter:
@@ -135,6 +146,16 @@ def test_metadata_names_the_weights_license() -> None:
     assert meta["license"] == f"weights: {WEIGHTS_LICENSE}"
     assert meta["user_defined_metadata"]["mf_edge.weights_sha256"] == "ab" * 32
     assert "resize the shorter side to 224" in meta["input_description"]
+    assert "user-supplied" in model_metadata(info, {"source": "path"}, spec)["license"]
+    assert "manifest.json" in model_metadata(info, {"source": "unknown"}, spec)["license"]
+
+
+def test_options_of_another_target_are_refused(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "identityformer_s12", "--target", "onnx", "--classifier", "--deployment-target",
+              "iOS16"])
+    assert exit_info.value.code == UserError.exit_code
+    assert "--classifier, --deployment-target do not apply to --target onnx" in capsys.readouterr().err
 
 
 def test_class_labels() -> None:
@@ -189,9 +210,9 @@ def pixel_batch(spec: ExportSpec, count: int = 2, seed: int = 0) -> torch.Tensor
 
 
 @pytest.mark.skipif(platform.system() == "Darwin", reason="on macOS the runtime is Core ML itself")
-def test_runtime_without_reference_executor_says_why(fp16_packages: dict[str, Path]) -> None:
-    if has_reference_executor():
-        pytest.skip("mf_edge.coreml_reference is installed: test_reference_parity runs the package instead")
+def test_runtime_without_reference_executor_says_why(fp16_packages: dict[str, Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mf_edge.coreml_reference", None)  # an install without the executor
     spec = ExportSpec.for_model(get_model_info("identityformer_s12"), image_size=SIZE, precision="fp16")
     with pytest.raises(RuntimeUnavailable, match="needs macOS"):
         get_target("coreml").runtime(fp16_packages["identityformer_s12"].parent, spec)

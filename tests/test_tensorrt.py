@@ -5,6 +5,7 @@ TensorRT, a real engine build and run."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from mf_edge.converters.tensorrt import (
 from mf_edge.data import parity_inputs
 from mf_edge.errors import RuntimeUnavailable, UserError
 from mf_edge.parity import compare, reference_logits
-from mf_edge.pipeline import Conversion, convert
+from mf_edge.pipeline import Conversion
 from mf_edge.spec import ExportSpec
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -187,10 +188,14 @@ def test_real_engine_build_and_run(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
-    """``convert --target tensorrt`` of caformer_s18 at 64 px (random weights), workspace capped."""
+    """``mf-edge convert caformer_s18 --target tensorrt --workspace 256`` at 64 px, random weights."""
     out = tmp_path_factory.mktemp("trt") / "caformer_s18-tensorrt-fp16"
-    return convert("caformer_s18", "tensorrt", weights="random", image_size=64, output=out,
-                   target_options={"workspace_mib": 256})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "caformer_s18", "--target", "tensorrt", "--weights", "random", "--image-size", "64",
+              "--workspace", "256", "-o", str(out), "--quiet"])
+    assert exit_info.value.code == 0
+    return Conversion(out, json.loads((out / "manifest.json").read_text()),
+                      json.loads((out / "parity.json").read_text()))
 
 
 def test_convert_writes_a_static_tensorrt_onnx(converted: Conversion) -> None:
@@ -241,6 +246,14 @@ def test_dynamic_batch_export_gets_a_profile(tmp_path: Path) -> None:
     batch = spec.example_input(seed=1).expand(3, -1, -1, -1).contiguous().numpy()
     got = get_target("tensorrt").onnx_runtime(tmp_path, spec).run(batch)
     assert compare(reference_logits(model, batch), got)["cosine"] > 0.99999
+
+
+def test_max_batch_without_dynamic_batch_is_refused_before_export(tmp_path: Path) -> None:
+    model = create_model("identityformer_s12", image_size=64)
+    spec = ExportSpec.for_model(model.mf_edge_info, image_size=64, precision="fp16", max_batch=4)
+    with pytest.raises(UserError, match="add --dynamic-batch"):
+        get_target("tensorrt").export(model, spec, tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
