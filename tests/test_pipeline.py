@@ -33,8 +33,13 @@ def test_default_precision_per_target(model, target: str, default: str) -> None:
 
 
 def test_unsupported_precision_is_a_user_error(model) -> None:
-    with pytest.raises(UserError, match="supports fp16, fp32, not 'int8'"):
-        pipeline.make_spec(model, get_target("coreml"), precision="int8")
+    from mf_edge.converters import TARGET_MODULES
+    from mf_edge.spec import PRECISIONS
+
+    target, precision = next((get_target(name), p) for name in TARGET_MODULES for p in PRECISIONS
+                             if p not in get_target(name).precisions)  # e.g. TensorRT w8
+    with pytest.raises(UserError, match=f"the {target.name} target supports .*, not '{precision}'"):
+        pipeline.make_spec(model, target, precision=precision)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
