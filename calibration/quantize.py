@@ -137,9 +137,15 @@ def quantize_for_export(model: nn.Module, spec: ExportSpec,
 
     ``options`` (``QuantizeOptions`` or a dict with ``target``) gives the calibration source for
     ``int8``: ``calibration`` (a file from ``mf-edge calibrate``, reused without running images) or
-    ``calib_data`` (images calibrated on now). ``w8`` needs neither.
+    ``calib_data`` (images calibrated on now). ``w8`` needs neither. Weights from a QAT checkpoint
+    (``mf-edge train --qat``) bring their trained graph and ranges: no calibration.
     """
     opts = QuantizeOptions.from_mapping(options)
+    from mf_edge.train.qat import quantize_qat_checkpoint
+
+    trained = quantize_qat_checkpoint(model, spec, opts)
+    if trained is not None:
+        return trained
     scheme = scheme_for(opts.target, spec.precision)
     check_keep_float(opts.keep_float, model)
     with step(f"torch.export for quantization ({scheme.name})"):

@@ -1,0 +1,84 @@
+"""``mf-edge train --qat``: the QAT checkpoint converts to int8 for the real runtime without calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mf_edge.converters import get_target
+from mf_edge.data import find_images, load_image, preprocess
+from mf_edge.errors import UserError
+from mf_edge.manifest import spec_from_manifest
+from mf_edge.parity import runtime_logits
+from mf_edge.pipeline import convert
+from mf_edge.train import TrainConfig, TrainResult, train
+from mf_edge.train.checkpoint import load_checkpoint
+
+MODEL = "poolformerv2_s12"
+SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny 32-pixel models gain nothing from intra-op threads; one avoids contention on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def qat_run(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """Float fine-tuning, then two short QAT epochs for ExecuTorch (observers frozen for the second)."""
+    out = tmp_path_factory.mktemp("qat")
+    common = {"model": MODEL, "data": cifar10_small, "image_size": SIZE, "batch_size": 16, "workers": 0,
+              "device": "cpu", "warmup_epochs": 0.0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    float_run = train(TrainConfig(**common, output=out / "float", epochs=1, lr=1e-3))
+    result = train(TrainConfig(**common, output=out / "qat", epochs=2, lr=1e-4, max_steps_per_epoch=3,
+                               weights=str(float_run.last_checkpoint), qat=True, target="executorch",
+                               freeze_observers_after=0.5, calib_size=32))
+    torch.set_num_threads(threads)
+    return result
+
+
+def test_qat_checkpoint_records_the_trained_graph(qat_run: TrainResult) -> None:
+    checkpoint = load_checkpoint(qat_run.last_checkpoint)
+    section = checkpoint["qat"]
+    assert section["target"] == "executorch" and section["precision"] == "int8" and section["frozen"]
+    observers = [k for k in section["state"] if k.endswith("observer_enabled")]
+    assert observers and all(int(section["state"][k]) == 0 for k in observers)
+    assert [row["phase"] for row in checkpoint["train"]["history"]] == ["qat", "qat-frozen"]
+    scales = [v for k, v in section["state"].items() if k.endswith(".scale")]
+    assert scales and all(bool((s > 0).all()) for s in scales)
+
+
+def test_qat_checkpoint_converts_to_int8_pte(qat_run: TrainResult, cifar10_small: Path,
+                                             tmp_path: Path) -> None:
+    # No calibration images are passed: a plain float checkpoint would need --calib-data here.
+    conversion = convert(MODEL, "executorch", "int8", weights=qat_run.last_checkpoint, image_size=SIZE,
+                         output=tmp_path / "pte", images=cifar10_small / "val")
+    assert conversion.artifact.name == "model.pte"
+    assert conversion.parity["status"] == "pass"
+    simulated = conversion.parity["references"]["simulated"]["metrics"]
+    assert simulated["cosine"] > 0.99
+    assert conversion.manifest["quantization"]["calibration"]["source"] == "qat checkpoint"
+    # The int8 program scores what QAT's fake-quantized model scored on the same validation images.
+    spec = spec_from_manifest(conversion.manifest)
+    found = find_images(cifar10_small / "val")
+    batch = preprocess([load_image(path) for path, _ in found], spec.preprocessing)
+    classes = sorted({label for _, label in found})
+    labels = np.array([classes.index(label) for _, label in found])
+    runtime = get_target("executorch").runtime(conversion.output, spec)
+    accuracy = float((runtime_logits(runtime, batch, 1, False).argmax(1) == labels).mean() * 100)
+    assert abs(accuracy - qat_run.history[-1]["val_top1"]) <= 5.0
+
+
+def test_qat_checkpoint_refuses_another_target(qat_run: TrainResult, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="QAT checkpoint for --target executorch"):
+        convert(MODEL, "onnx", "int8", weights=qat_run.last_checkpoint, image_size=SIZE,
+                output=tmp_path / "x")
