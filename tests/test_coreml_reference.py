@@ -34,7 +34,7 @@ PRECISIONS = ("fp32", "fp16", "w8", "w8a8")
 SIZE = 64
 SAMPLES = 2
 # precision: (minimum cosine, maximum |error| / max |reference|) of the reference execution vs PyTorch
-TOLERANCES = {"fp32": (0.9999, 1e-4), "fp16": (0.999, 2e-2), "w8": (0.99, 0.1), "w8a8": (0.99, 0.1)}
+TOLERANCES = {"fp32": (0.9999, 1e-4), "fp16": (0.999, 2e-2), "w8": (0.99, 0.1), "w8a8": (0.99, 0.2)}
 # ops each precision's package must hold (so a test of "w8" really runs compressed weights)
 SIGNATURE_OPS = {"fp32": set(), "fp16": {"cast"}, "w8": {"constexpr_affine_dequantize"},
                  "w8a8": {"quantize", "dequantize"}}
