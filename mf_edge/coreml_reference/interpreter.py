@@ -44,10 +44,10 @@ class ReferenceProgram:
         self.program = program
         self.underflow_fraction = underflow_fraction
         self.report = fp16.Report()
-        self._kernels: list[Kernel] = [get_kernel(op.type, op.params) for op in program.operations]
+        kernels = [get_kernel(op.type, op.params) for op in program.operations]  # unknown ops fail here
         self._constants: dict[str, Any] = {}
         self._steps: list[tuple[Operation, Kernel]] = []
-        for op, fn in zip(program.operations, self._kernels, strict=True):
+        for op, fn in zip(program.operations, kernels, strict=True):
             refs = list(_refs(list(op.params.values())))
             if op.type == "const" or (op.type.startswith(COMPILE_TIME_PREFIX)
                                       and all(name in self._constants for name in refs)):
