@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from mf_edge import create_model
 from mf_edge.converters import get_target
 from mf_edge.data import find_images, load_image, preprocess
 from mf_edge.errors import UserError
 from mf_edge.manifest import spec_from_manifest
 from mf_edge.parity import runtime_logits
 from mf_edge.pipeline import convert
+from mf_edge.spec import ExportSpec
 from mf_edge.train import TrainConfig, TrainResult, train
 from mf_edge.train.checkpoint import load_checkpoint
+from mf_edge.train.qat import deployment_model, graph_state, restore_for_export
 
 MODEL = "poolformerv2_s12"
 SIZE = 32
@@ -55,6 +61,15 @@ def test_qat_checkpoint_records_the_trained_graph(qat_run: TrainResult) -> None:
     assert [row["phase"] for row in checkpoint["train"]["history"]] == ["qat", "qat-frozen"]
     scales = [v for k, v in section["state"].items() if k.endswith(".scale")]
     assert scales and all(bool((s > 0).all()) for s in scales)
+    # The graph convert rebuilds from the checkpoint holds exactly the trained state.
+    model = create_model(MODEL, weights=qat_run.last_checkpoint, image_size=SIZE)
+    spec = ExportSpec.for_model(model.mf_edge_info, SIZE, precision="int8", num_classes=model.num_classes)
+    prepared, facts = restore_for_export(deployment_model(model, spec, "executorch"), spec, "executorch")
+    assert facts["source"] == "qat checkpoint" and facts["observers_frozen"]
+    restored = graph_state(prepared)
+    assert restored.keys() == section["state"].keys()
+    for key, value in section["state"].items():
+        assert torch.equal(restored[key], value), key
 
 
 def test_qat_checkpoint_converts_to_int8_pte(qat_run: TrainResult, cifar10_small: Path,
@@ -82,3 +97,36 @@ def test_qat_checkpoint_refuses_another_target(qat_run: TrainResult, tmp_path: P
     with pytest.raises(UserError, match="QAT checkpoint for --target executorch"):
         convert(MODEL, "onnx", "int8", weights=qat_run.last_checkpoint, image_size=SIZE,
                 output=tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_qat_resume_continues_exactly(cifar10_small: Path, tmp_path: Path) -> None:
+    common = {"model": MODEL, "data": cifar10_small, "image_size": SIZE, "batch_size": 16, "workers": 0,
+              "device": "cpu", "epochs": 2, "lr": 1e-4, "max_steps_per_epoch": 2, "qat": True,
+              "target": "executorch", "calib_size": 16}
+    train(TrainConfig(**common, output=tmp_path / "straight"))
+    train(TrainConfig(**common, output=tmp_path / "resumed", stop_after_epochs=1))
+    train(TrainConfig(**common, output=tmp_path / "resumed", resume=tmp_path / "resumed" / "last.pt"))
+    straight, resumed = (load_checkpoint(tmp_path / run / "last.pt")["qat"]
+                         for run in ("straight", "resumed"))
+    assert straight["frozen"] and resumed["frozen"]
+    assert straight["state"].keys() == resumed["state"].keys()
+    for key, value in straight["state"].items():
+        assert torch.equal(value, resumed["state"][key]), f"{key} differs after resuming"
+
+
+@pytest.mark.slow
+def test_qat_two_process_gloo_ddp(cifar10_small: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "mf_edge.train", MODEL, "--data", str(cifar10_small), "--image-size", str(SIZE),
+               "--epochs", "2", "--batch-size", "8", "--max-steps-per-epoch", "2", "--workers", "0",
+               "--device", "cpu", "--qat", "--target", "executorch", "--calib-size", "16",
+               "--output", str(tmp_path / "qat")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = load_checkpoint(tmp_path / "qat" / "last.pt")
+    assert checkpoint["meta"]["world_size"] == 2 and checkpoint["qat"]["frozen"]
+    conversion = convert(MODEL, "executorch", "int8", weights=tmp_path / "qat" / "last.pt", image_size=SIZE,
+                         output=tmp_path / "pte")
+    assert conversion.parity["status"] == "pass"

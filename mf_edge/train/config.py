@@ -71,6 +71,8 @@ class TrainConfig:
              "--target only applies with --qat; add --qat or drop --target."),
             (not (self.qat and self.ema_decay), "--ema is not supported with --qat (averaging observer "
              "statistics is meaningless); drop --ema."),
+            (not (self.qat and self.amp), "--amp is not supported with --qat (fake quantization simulates "
+             "int8 from float32); drop --amp."),
         )
         for ok, message in checks:
             if not ok:

@@ -21,6 +21,7 @@ and freezes the observers, so ``convert_pt2e`` gives the int8 program without ca
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -233,7 +234,11 @@ def load_graph_state(prepared: GraphModule, state: dict[str, torch.Tensor], sour
             f"{(missing + unexpected + misshaped)[:3]}); convert with the model, image size and target it "
             "was trained for, or run `mf-edge train --qat` again."
         )
-    prepared.load_state_dict(state, strict=False)
+    # Observers read their state-dict version from ``_metadata`` (without it they reset ``eps``); the
+    # graph was prepared the same way, so its own metadata describes the saved state.
+    versioned = OrderedDict(state)
+    versioned._metadata = prepared.state_dict()._metadata  # type: ignore[attr-defined]
+    prepared.load_state_dict(versioned, strict=False)
 
 
 def check_same_graph(section: dict, graph_sha256: str, source: str) -> None:
