@@ -37,34 +37,32 @@ def mean_trailing(x: torch.Tensor, num_dims: int) -> torch.Tensor:
     rows = math.prod(x.shape[1:-num_dims]) if x.dim() > num_dims + 1 else 1
     pooled = x.reshape(-1, rows, reduced, 1).mean((2, 3), keepdim=True)
     keepdim_shape = (*x.shape[:-num_dims], *([1] * num_dims))
-    return pooled if pooled.dim() == x.dim() and rows == 1 else pooled.reshape((-1, *keepdim_shape[1:]))
+    # always reshape: the pooled output carries XNNPACK's channels-last tag, and a dynamically quantized
+    # linear reading it directly gets a transpose of int8 data that XNNPACK refuses (w8 fails to load)
+    return pooled.reshape((-1, *keepdim_shape[1:]))
 
 
 class DecomposedLayerNorm(nn.Module):
-    """LayerNorm over the last ``num_dims`` dims from linear/sub/mul/rsqrt (and 4D means).
+    """LayerNorm over the last ``num_dims`` dims from sub/mul/rsqrt and means over a 4D view.
 
-    Over the ``channels`` alone (``num_dims == 1``) each mean is one ``C -> 1`` linear with weights
-    ``1/C``; over more dims it is a global average pool of a 4D view. ``weight`` and ``bias`` (either
-    may be ``None``) are shared with the module it replaces and broadcast over the last dim, as in
-    the reference modules. ``eps`` and the averaging weights are buffers, so they follow the model's
-    dtype (a Python float would become an fp32 constant and a cast XNNPACK does not take).
+    Each mean is XNNPACK's global average pool over the two innermost dims of a 4D view (no linear:
+    int8 schemes quantize linears, and the statistics stay float; no matmul: fp16 decomposes it
+    into ``expand`` + ``bmm``). ``weight`` and ``bias`` (either may be ``None``) are shared with the
+    module it replaces and broadcast over the last dim, as in the reference modules. ``eps`` is a
+    buffer, so it follows the model's dtype (a Python float becomes an fp32 constant and a cast).
     """
 
-    def __init__(self, channels: int, weight: nn.Parameter | None, bias: nn.Parameter | None, eps: float,
+    def __init__(self, weight: nn.Parameter | None, bias: nn.Parameter | None, eps: float,
                  num_dims: int) -> None:
         super().__init__()
         self.weight = weight
         self.bias = bias
         self.num_dims = num_dims
         self.register_buffer("eps", torch.tensor(eps), persistent=False)
-        self.register_buffer("average", torch.full((1, channels), 1.0 / channels), persistent=False)
-
-    def _mean(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.average) if self.num_dims == 1 else mean_trailing(x, self.num_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x - self._mean(x)
-        x = centred * torch.rsqrt(self._mean(centred * centred) + self.eps)
+        centred = x - mean_trailing(x, self.num_dims)
+        x = centred * torch.rsqrt(mean_trailing(centred * centred, self.num_dims) + self.eps)
         if self.weight is not None:
             x = x * self.weight
         return x + self.bias if self.bias is not None else x
@@ -133,15 +131,12 @@ class GlobalPoolMetaFormer(nn.Module):
 def _replacement(module: nn.Module) -> nn.Module | None:
     if isinstance(module, LayerNormGeneral):
         dims = sorted(d % 4 for d in module.normalized_dim)
-        trailing = len(dims) if dims == list(range(4 - len(dims), 4)) else 0
-        channels = module.weight.numel() if module.weight is not None else None
-        if not trailing or (trailing == 1 and channels is None):  # not a trailing-dims norm, or C unknown
-            return None
-        return DecomposedLayerNorm(channels or 1, module.weight, module.bias, module.eps, trailing)
+        trailing = dims == list(range(4 - len(dims), 4))
+        return DecomposedLayerNorm(module.weight, module.bias, module.eps, len(dims)) if trailing else None
     if isinstance(module, LayerNormWithoutBias):
-        return DecomposedLayerNorm(module.weight.numel(), module.weight, None, module.eps, 1)
+        return DecomposedLayerNorm(module.weight, None, module.eps, 1)
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
-        return DecomposedLayerNorm(module.normalized_shape[0], module.weight, module.bias, module.eps, 1)
+        return DecomposedLayerNorm(module.weight, module.bias, module.eps, 1)
     if isinstance(module, RandomMixing):
         return LinearRandomMixing(module)
     if isinstance(module, Attention):
