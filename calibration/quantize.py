@@ -115,7 +115,8 @@ def prepare_and_load(graph_module: GraphModule, scheme: Scheme, observer: str, k
         if missing:
             raise UserError(f"the calibration does not cover node {missing[0]!r} of the {scheme.name} "
                             "graph; run `mf-edge calibrate` again (without --target: every target).")
-        module.load_state_dict(merge_states([stats[name] for name in names]), strict=False)
+        for key, value in merge_states([stats[name] for name in names]).items():  # not load_state_dict:
+            getattr(module, key).resize_(value.shape).copy_(value)  # unversioned, it resets eps to 1e-7
     return prepared
 
 
