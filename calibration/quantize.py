@@ -81,6 +81,8 @@ class QuantizeOptions:
             if key in values:
                 values[key] = str(values[key])
         values["keep_float"] = tuple(values.get("keep_float") or ())
+        if values.get("observer"):
+            observer_class(values["observer"])
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -149,13 +151,15 @@ def quantize_for_export(model: nn.Module, spec: ExportSpec,
         return trained
     scheme = scheme_for(opts.target, spec.precision)
     check_keep_float(opts.keep_float, model)
+    record = _checked_record(spec, opts) if scheme.calibrated else None
     with step(f"torch.export for quantization ({scheme.name})"):
         graph = capture(model, spec.image_size)
     facts: dict = {"scheme": scheme.describe(), "keep_float": list(opts.keep_float),
-                   "kept_float_layers": kept_float_layers(model, opts.keep_float)}
+                   "kept_float_layers": kept_float_layers(model, opts.keep_float),
+                   "float_parameter_bytes": sum(4 * p.numel() for p in model.parameters())}
     observer, stats = DEFAULT_OBSERVER, {}
     if scheme.calibrated:
-        observer, stats, calibration = _calibration(model, graph, spec, scheme, opts)
+        observer, stats, calibration = _calibration(graph, spec, scheme, opts, record)
         facts.update(observer=observer, calibration=calibration)
     else:
         facts.update(observer=None, calibration=None)
@@ -167,21 +171,29 @@ def quantize_for_export(model: nn.Module, spec: ExportSpec,
     return QuantizedModel(module, simulated, facts)
 
 
-def _calibration(model: nn.Module, graph: GraphModule, spec: ExportSpec, scheme: Scheme,
-                 opts: QuantizeOptions) -> tuple[str, NodeStats, dict]:
+def _checked_record(spec: ExportSpec, opts: QuantizeOptions) -> CalibrationRecord | None:
+    """The calibration file of ``opts`` checked against the request (before any export work)."""
+    if not opts.calibration:
+        if not opts.calib_data:
+            raise UserError(f"{spec.precision} for {opts.target} needs calibration images: pass --calib-data "
+                            "DIR (a folder of images) or --calibration FILE (from `mf-edge calibrate`).")
+        return None
+    record = load_record(opts.calibration)
+    if opts.observer and opts.observer != record.observer:
+        raise UserError(f"calibration file {record.path} used the {record.observer} observer, not "
+                        f"{opts.observer}; drop --observer or calibrate again with --observer "
+                        f"{opts.observer}.")
+    record.check_matches(spec.model, spec.image_size, spec.num_classes)
+    record.check_covers(opts.target)
+    return record
+
+
+def _calibration(graph: GraphModule, spec: ExportSpec, scheme: Scheme, opts: QuantizeOptions,
+                 record: CalibrationRecord | None) -> tuple[str, NodeStats, dict]:
     """The activation statistics for ``graph``: from the calibration file, else calibrated now."""
-    if opts.calibration:
-        record = load_record(opts.calibration)
-        if opts.observer and opts.observer != record.observer:
-            raise UserError(f"calibration file {record.path} used the {record.observer} observer, not "
-                            f"{opts.observer}; drop --observer or calibrate again with --observer "
-                            f"{opts.observer}.")
-        record.check_matches(spec.model, spec.image_size, spec.num_classes)
+    if record is not None:
         stats = record.stats_for(opts.target, graph_sha256(graph), params_sha256(graph))
         return record.observer, stats, {**record.calibration_set, "file": record.describe()}
-    if not opts.calib_data:
-        raise UserError(f"{spec.precision} for {opts.target} needs calibration images: pass --calib-data DIR "
-                        "(a folder of images) or --calibration FILE (from `mf-edge calibrate`).")
     observer = opts.observer or DEFAULT_OBSERVER
     observer_class(observer)
     calib = load_calibration_set(opts.calib_data, spec.preprocessing, opts.calib_size, opts.seed,

@@ -240,6 +240,27 @@ def share_through_data_movement(model: GraphModule) -> None:
             input_qspec_map={node.args[0]: shared}, output_qspec=shared, _annotated=True)
 
 
+def reshape_dynamic_linear_inputs(model: GraphModule) -> None:
+    """Put a shape-preserving reshape in front of every linear's input (exact; layout only).
+
+    ExecuTorch 1.5's XNNPACK lowering carries its channels-last tag from a convolution or a mean,
+    through permutes and elementwise ops, into a dynamically quantized linear and then transposes
+    the int8 data, which XNNPACK rejects (``Failed to create static transpose``) or the lowering
+    refuses (``Weight and Input should both be quantized``). A reshape stops the tag.
+    """
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target != aten.linear.default:
+            continue
+        source = node.args[0]
+        with model.graph.inserting_before(node):
+            shape = [-1, *source.meta["val"].shape[1:]]
+            reshaped = model.graph.call_function(aten.reshape.default, (source, shape))
+        reshaped.meta = {**source.meta, "val": source.meta["val"]}
+        node.replace_input_with(source, reshaped)
+    model.graph.lint()
+    model.recompile()
+
+
 def xnnpack_quantizer(scheme: Scheme, observer: str, quantizable: Callable[[Node], bool]) -> Quantizer:
     """executorch's ``XNNPACKQuantizer`` on the scheme's ops, with the chosen activation observer."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -249,6 +270,12 @@ def xnnpack_quantizer(scheme: Scheme, observer: str, quantizable: Callable[[Node
 
     class GemmXNNPACKQuantizer(XNNPACKQuantizer):
         """XNNPACK's annotations, shared only through data-movement ops (see above)."""
+
+        def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+            model = super().transform_for_annotation(model)
+            if scheme.activations == "dynamic":
+                reshape_dynamic_linear_inputs(model)
+            return model
 
         def annotate(self, model: GraphModule) -> GraphModule:
             model = self._annotate_for_quantization_config(model)

@@ -88,6 +88,13 @@ class CalibrationRecord:
                             f"{image_size}px, {num_classes} classes; run `mf-edge calibrate {model} "
                             f"--image-size {image_size}` for this model.")
 
+    def check_covers(self, target: str) -> None:
+        """Refuse a target the file has no statistics for."""
+        if target not in self.targets:
+            raise UserError(f"calibration file {self.path} covers {', '.join(self.targets)}, not {target}; "
+                            f"run `mf-edge calibrate {self.model} --target {target}` (or without --target "
+                            "for all).")
+
     def stats_for(self, target: str, graph_sha: str, params_sha: str) -> NodeStats:
         """The statistics of the graph ``target`` exports; a mismatch is a ``UserError`` saying why."""
         for graph in self.graphs:
@@ -97,12 +104,10 @@ class CalibrationRecord:
                                     f"{self.model} (parameter sha256 differs); calibrate again with the same "
                                     "--weights.")
                 return graph.stats
-        if target in self.targets:
-            made = f"mf-edge {self.versions.get('mf_edge')}, torch {self.versions.get('torch')}"
-            raise UserError(f"calibration file {self.path} does not match the {target} graph of {self.model} "
-                            f"(made by {made}); run `mf-edge calibrate` again.")
-        raise UserError(f"calibration file {self.path} covers {', '.join(self.targets)}, not {target}; run "
-                        f"`mf-edge calibrate {self.model} --target {target}` (or without --target for all).")
+        self.check_covers(target)
+        made = f"mf-edge {self.versions.get('mf_edge')}, torch {self.versions.get('torch')}"
+        raise UserError(f"calibration file {self.path} does not match the {target} graph of {self.model} "
+                        f"(made by {made}); run `mf-edge calibrate` again.")
 
 
 def file_sha256(path: Path) -> str:

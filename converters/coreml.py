@@ -262,11 +262,27 @@ def reference_runtime(path: Path, spec: ExportSpec) -> ImageRuntime:
     return ImageRuntime("coreml-reference", predict, path, spec, source=reference)
 
 
+def compress_weights(mlmodel) -> tuple[Any, dict]:
+    """``w8``: the model with int8 per-channel symmetric weights (``linear_quantize_weights``), and how."""
+    from coremltools.optimize.coreml import (
+        OpLinearQuantizerConfig,
+        OptimizationConfig,
+        linear_quantize_weights,
+    )
+
+    config = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+    with step("int8 weight compression (linear_quantize_weights)"), _converter_output():
+        compressed = linear_quantize_weights(mlmodel, OptimizationConfig(global_config=config))
+    return compressed, {"method": "coremltools.optimize.coreml.linear_quantize_weights",
+                        "mode": "linear_symmetric", "dtype": "int8", "granularity": "per_channel",
+                        "weight_threshold": config.weight_threshold}
+
+
 class CoreMLTarget:
     """``coreml``: ML Program ``.mlpackage``, fp16 compute by default, image input with normalisation."""
 
     name = "coreml"
-    precisions: tuple[str, ...] = ("fp16", "fp32")
+    precisions: tuple[str, ...] = ("fp16", "fp32", "int8", "w8")
     default_precision = "fp16"
     artifact = "model.mlpackage"
     options = ("classifier", "minimum_deployment_target", "labels")
@@ -291,7 +307,8 @@ class CoreMLTarget:
             config = ct.ClassifierConfig(class_labels(spec.num_classes, spec.options.get("labels")),
                                          predicted_feature_name=LABEL_NAME,
                                          predicted_probabilities_output=OUTPUT_NAME)
-        precision = ct.precision.FLOAT16 if spec.precision == "fp16" else ct.precision.FLOAT32
+        # int8 (W8A8 quantize/dequantize from PT2E) and w8 (int8 weights) compute in fp16 like the default
+        precision = ct.precision.FLOAT32 if spec.precision == "fp32" else ct.precision.FLOAT16
         with step(f"converting to Core ML ({spec.precision}, {target.name})"), _converter_output():
             mlmodel = ct.convert(
                 program,
@@ -303,6 +320,9 @@ class CoreMLTarget:
                 compute_precision=precision,
                 minimum_deployment_target=target,
             )
+        compression = None
+        if spec.precision == "w8":
+            mlmodel, compression = compress_weights(mlmodel)
         metadata = model_metadata(info, weights, spec)
         _apply_metadata(mlmodel, metadata, classifier)
         path = Path(out_dir) / self.artifact
@@ -311,7 +331,8 @@ class CoreMLTarget:
             "format": "mlprogram",
             "minimum_deployment_target": target.name,
             "specification_version": int(mlmodel.get_spec().specificationVersion),
-            "compute_precision": spec.precision,
+            "compute_precision": "fp32" if spec.precision == "fp32" else "fp16",
+            "weight_compression": compression,
             "classifier": classifier,
             "input": {"name": INPUT_NAME, "type": "image", "color_layout": "RGB",
                       "shape": [1, 3, size, size], "scale": "1/255", "normalisation": "in graph"},

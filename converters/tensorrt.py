@@ -304,7 +304,7 @@ class TensorRTTarget:
     """``tensorrt``: ``model.onnx`` for TensorRT plus ``model.engine`` where TensorRT and CUDA exist."""
 
     name = "tensorrt"
-    precisions: tuple[str, ...] = ("fp16", "fp32")
+    precisions: tuple[str, ...] = ("fp16", "fp32", "int8")
     default_precision = "fp16"
     options = ("workspace_mib", "timing_cache", "max_batch", "opt_batch")
 
