@@ -37,8 +37,8 @@ def train_command(
     seed: int = typer.Option(0, help="Seed of the initialisation, split, shuffling and augmentation."),
     max_steps_per_epoch: int = typer.Option(None, help="Stop each epoch after this many steps (quick runs)."),
     val_fraction: float = typer.Option(0.1, help="Validation share when --data has no val/ folder."),
-    freeze_observers_after: float = typer.Option(0.5, help="With --qat: fraction of the epochs after which "
-                                                 "observers and batch statistics are frozen."),
+    freeze_observers_after: float = typer.Option(0.5, help="With --qat: fraction of the training steps after "
+                                                 "which observers and batch statistics are frozen."),
     calib_size: int = typer.Option(256, help="With --qat: training images PTQ calibrates on before QAT."),
     stop_after_epochs: int = typer.Option(None, help="End this invocation after N epochs (the schedule still "
                                           "spans --epochs); continue later with --resume."),

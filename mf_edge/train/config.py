@@ -60,7 +60,7 @@ class TrainConfig:
             (0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1), got {self.val_fraction}."),
             (0 < self.min_crop_scale <= 1, f"--min-crop-scale must be in (0, 1], got {self.min_crop_scale}."),
             (0 <= self.freeze_observers_after <= 1,
-             f"--freeze-observers-after must be a fraction of the epochs in [0, 1], got "
+             f"--freeze-observers-after must be a fraction of the training steps in [0, 1], got "
              f"{self.freeze_observers_after}."),
             (self.stop_after_epochs is None or self.stop_after_epochs >= 1,
              f"--stop-after-epochs must be at least 1, got {self.stop_after_epochs}."),

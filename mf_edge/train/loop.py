@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -52,7 +52,7 @@ class EpochStats:
 
 
 @contextmanager
-def progress_bar(total: int, description: str, show: bool) -> Iterator[callable]:
+def progress_bar(total: int, description: str, show: bool) -> Iterator[Callable[[float], None]]:
     """A rich bar over ``total`` steps; yields ``advance(loss)``. Hidden when quiet or not rank 0."""
     if not show or is_quiet():
         yield lambda loss: None
@@ -80,8 +80,12 @@ def train_one_epoch(
     ema: AveragedModel | None = None,
     max_steps: int | None = None,
     description: str = "train",
+    before_step: Callable[[int], None] | None = None,
 ) -> EpochStats:
-    """Run one epoch of optimiser steps (the scheduler steps every iteration); mean loss over all ranks."""
+    """Run one epoch of optimiser steps (the scheduler steps every iteration); mean loss over all ranks.
+
+    ``before_step(step)`` runs before each step (QAT freezes its observers there).
+    """
     model.train()
     total = steps_in_epoch(loader, max_steps)
     loss_sum, count = 0.0, 0
@@ -89,6 +93,8 @@ def train_one_epoch(
         for step, (images, labels) in enumerate(loader):
             if step >= total:
                 break
+            if before_step is not None:
+                before_step(step)
             images = images.to(context.device, non_blocking=True)
             labels = labels.to(context.device, non_blocking=True)
             with precision.autocast(context.device):

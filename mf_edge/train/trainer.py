@@ -162,30 +162,35 @@ class _Run:
             end = min(end, self.start_epoch + config.stop_after_epochs)
         for epoch in range(self.start_epoch, end):
             started = time.perf_counter()
-            phase = self._enter_phase(epoch)
             seed_epoch(self.train_loader, config.seed, epoch, context.rank)
             label = f"epoch {epoch + 1}/{config.epochs}"
             lr = self.optimizer.param_groups[0]["lr"]
             trained = train_one_epoch(self.net, self.train_loader, self.optimizer, self.scheduler,
                                       self.criterion, context, self.precision, config.clip_grad, self.ema,
-                                      config.max_steps_per_epoch, f"{label} train")
+                                      config.max_steps_per_epoch, f"{label} train",
+                                      before_step=lambda step, e=epoch: self._before_step(e, step))
             distributed.check_replicas_in_sync(self.model, context)
             validated = self._validate(f"{label} val")
-            self._record(epoch, phase, lr, trained, validated, time.perf_counter() - started)
+            self._record(epoch, self._phase(), lr, trained, validated, time.perf_counter() - started)
         distributed.barrier(context)
         return TrainResult(self.output, self.best_top1, self.output / LAST, self.output / BEST, self.history,
                            context.is_main)
 
-    def _enter_phase(self, epoch: int) -> str:
+    def _before_step(self, epoch: int, step: int) -> None:
+        """QAT: freeze observers once ``--freeze-observers-after`` of all training steps are done."""
+        if not self.qat or self.qat.frozen:
+            return
+        done = epoch * self.steps + step
+        if done >= round(self.config.freeze_observers_after * self.config.epochs * self.steps):
+            self.qat.freeze()
+            if self.context.is_main:
+                note(f"epoch {epoch + 1}, step {step + 1}: observers and batch statistics frozen")
+
+    def _phase(self) -> str:
+        """What the epoch ended as: ``float``, ``qat`` (observers adapting) or ``qat-frozen``."""
         if not self.qat:
             return "float"
-        if epoch >= round(self.config.freeze_observers_after * self.config.epochs):
-            if not self.qat.frozen:
-                self.qat.freeze()
-                if self.context.is_main:
-                    note(f"epoch {epoch + 1}: observers and batch statistics frozen")
-            return "qat-frozen"
-        return "qat"
+        return "qat-frozen" if self.qat.frozen else "qat"
 
     def _validate(self, description: str) -> EpochStats:
         evaluated = self.ema.module if self.ema is not None else self.net
