@@ -39,7 +39,7 @@ class OnnxRuntime:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int | None = None) -> None:
         try:
             import onnxruntime
         except ImportError as exc:
@@ -49,6 +49,9 @@ class OnnxRuntime:
             raise UserError(f"{path} does not exist; convert the model to ONNX first.")
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
+        if threads:  # intra-op pool size (bench sets it explicitly); default: onnxruntime's choice
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.threads = threads
         self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
 
@@ -91,7 +94,7 @@ class OnnxTarget:
         })
 
     def runtime(self, out_dir: Path, spec: ExportSpec) -> OnnxRuntime:
-        return OnnxRuntime(Path(out_dir) / ARTIFACT)
+        return OnnxRuntime(Path(out_dir) / ARTIFACT, threads=spec.options.get("threads"))
 
 
 TARGET = OnnxTarget()

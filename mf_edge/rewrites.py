@@ -57,20 +57,26 @@ class AffineFreeLayerNorm(nn.Module):
     """What remains of a last-dim LayerNorm once its weight (and bias) moved into the next layer.
 
     ``xnnpack=True`` writes it with ops XNNPACK delegates (it has no LayerNorm): each mean over the
-    channels is a ``C -> 1`` linear with weights ``1 / C``, so the channels-last tensor is never
-    transposed. Otherwise it is ``F.layer_norm`` (one LayerNormalization op in ONNX and Core ML).
+    channels is a batched matmul of the ``[1, tokens, C]`` view with a ``[1, C, 1]`` column of ``1 / C``
+    (XNNPACK's GEMM), so the channels-last tensor is never transposed. A ``bmm`` rather than a
+    ``linear`` (or a 2-D ``matmul``, which export turns into one) so that the int8 schemes, which
+    quantize linears and convolutions, leave the statistics in float. Otherwise it is
+    ``F.layer_norm`` (one LayerNormalization op in ONNX and Core ML).
     """
 
     def __init__(self, dim: int, eps: float, xnnpack: bool = False) -> None:
         super().__init__()
         self.dim, self.eps, self.xnnpack = dim, eps, xnnpack
-        self.register_buffer("average", torch.full((1, dim), 1.0 / dim), persistent=False)
+        self.register_buffer("average", torch.full((1, dim, 1), 1.0 / dim), persistent=False)
+
+    def _mean(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x.reshape(1, -1, self.dim), self.average).reshape(x.shape[:-1] + (1,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.xnnpack:
             return F.layer_norm(x, (self.dim,), eps=self.eps)
-        centred = x - F.linear(x, self.average)
-        return centred * torch.rsqrt(F.linear(centred * centred, self.average) + self.eps)
+        centred = x - self._mean(x)
+        return centred * torch.rsqrt(self._mean(centred * centred) + self.eps)
 
 
 class AffineFreeGroupNorm(nn.Module):

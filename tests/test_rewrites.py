@@ -153,3 +153,14 @@ def test_xnnpack_runs_the_split_convolution_with_depthwise_kernels(tmp_path) -> 
         kernels[name] = {e.split(" #")[0] for e in events if e.startswith("Convolution")}
     assert kernels["full"] == {"Convolution (NHWC, F32) IGEMM"}
     assert kernels["split"] == {"Convolution (NHWC, F32) DWConv"}
+
+
+def test_xnnpack_norms_keep_their_statistics_out_of_int8_schemes() -> None:
+    """The int8 schemes quantize linears and convolutions: a norm's means must be neither."""
+    x = torch.randn(2, 4, 4, 16)
+    pairs = ((AffineFreeLayerNorm(16, 1e-6, xnnpack=True), AffineFreeLayerNorm(16, 1e-6)),
+             (AffineFreeGroupNorm(1e-6, (1, 2, 3), xnnpack=True), AffineFreeGroupNorm(1e-6, (1, 2, 3))))
+    for norm, reference in pairs:
+        torch.testing.assert_close(norm(x), reference(x), rtol=1e-5, atol=1e-5)
+        ops = {str(n.target) for n in torch.export.export(norm, (x,)).graph.nodes if n.op == "call_function"}
+        assert not {op for op in ops if "linear" in op or "conv" in op}, ops

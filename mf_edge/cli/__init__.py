@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMAND_MODULES = ("models", "convert", "calibrate", "engine", "train")
+COMMAND_MODULES = ("models", "convert", "calibrate", "engine", "train", "bench")
 
 
 @app.callback()

@@ -1,0 +1,318 @@
+"""``run_bench``: every format of one model, made by the conversion pipeline, measured side by side.
+
+For each target and precision the artifact comes from ``mf_edge.pipeline.convert`` (reused from
+the artifacts folder when its manifest matches the request); each runtime that can run here,
+plus PyTorch eager fp32 as the reference, is measured in a fresh process
+(``mf_edge.bench.measure``) with the same thread count, images and run counts. With ``rounds > 1``
+the runtimes are measured round-robin that many times and their timings pooled, which spreads the
+noise of a shared machine over all of them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mf_edge import parity as parity_lib
+from mf_edge.bench.images import BenchImages, bench_images
+from mf_edge.bench.measure import PYTORCH, latency_stats
+from mf_edge.console import note, step
+from mf_edge.converters import get_target
+from mf_edge.errors import UserError
+
+DEFAULT_TARGETS = ("executorch", "onnx", "coreml", "tensorrt")
+# What each target is benchmarked in when --precisions is not given.
+DEFAULT_PRECISIONS = {"executorch": ("fp32", "int8", "w8"), "onnx": ("fp32", "int8"), "coreml": ("fp16",),
+                      "tensorrt": ("fp16",)}
+# Targets whose runtime here is not the deployment runtime: listed with their size only.
+SIZE_ONLY = {"coreml": "not runnable here (size only): Core ML runs on Apple devices; the Linux reference "
+                       "executor checks parity, it is not a speed measurement"}
+DYNAMIC_BATCH_TARGETS = ("executorch", "onnx")
+RUNTIME_NAMES = {"executorch": "executorch", "onnx": "onnxruntime", "coreml": "coreml",
+                 "tensorrt": "tensorrt"}
+DEFAULT_ARTIFACTS = Path("mf-edge-out") / "bench"
+WORKER_TIMEOUT_S = 3600
+# Manifest target details worth repeating in the bench report.
+DETAIL_KEYS = ("delegation", "rewrites")
+
+
+@dataclass
+class BenchConfig:
+    """One ``mf-edge bench`` request."""
+
+    model: str
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    precisions: tuple[str, ...] | None = None
+    weights: str = "imagenet"
+    images: Path | None = None
+    num_images: int = 32
+    calib_data: Path | None = None
+    runs: int = 50
+    warmup: int = 5
+    rounds: int = 1
+    threads: int | None = None
+    image_size: int | None = None
+    batch: int = 8
+    artifacts: Path | None = None
+    rebuild: bool = False
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise ``UserError`` for values no run can use."""
+        for name in ("num_images", "runs", "rounds", "batch"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.warmup < 0:
+            raise UserError(f"--warmup must be 0 or more, got {self.warmup}.")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}.")
+        for target in self.targets:
+            get_target(target.partition(":")[0])
+
+
+@dataclass
+class Row:
+    """One format: what it is, where it came from, and (when it ran) what was measured."""
+
+    runtime: str
+    target: str | None
+    precision: str
+    status: str
+    note: str | None = None
+    artifact: str | None = None
+    size_mb: float | None = None
+    parity: str | None = None
+    details: dict = field(default_factory=dict)
+    measured: list[dict] = field(default_factory=list, repr=False)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def host_facts() -> dict:
+    """CPU, cores, OS and the load when asked (the machine may be shared)."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": available_cores(), "os": platform.platform(),
+            "python": platform.python_version(), "load_average": load_average()}
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (how busy a shared machine was)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def plan(config: BenchConfig) -> list[tuple[str, str]]:
+    """``(target, precision)`` pairs to benchmark.
+
+    A target given as ``name:precision`` is benchmarked in that precision only; a plain name in the
+    requested precisions it supports (default: ``DEFAULT_PRECISIONS``).
+    """
+    pairs = []
+    for entry in config.targets:
+        name, _, fixed = entry.partition(":")
+        target = get_target(name)
+        defaults = DEFAULT_PRECISIONS.get(name, (target.default_precision,))
+        wanted = (fixed,) if fixed else config.precisions or defaults
+        if fixed and fixed not in target.precisions:
+            raise UserError(f"the {name} target supports {', '.join(target.precisions)}, not {fixed!r}; fix "
+                            f"--targets {entry}.")
+        pairs += [(name, precision) for precision in wanted if precision in target.precisions]
+    if not pairs:
+        raise UserError(f"no target among {', '.join(config.targets)} supports "
+                        f"{', '.join(config.precisions or ())}; pick other --targets or --precisions.")
+    return pairs
+
+
+def artifact_dir(config: BenchConfig, image_size: int, target: str, precision: str) -> Path:
+    root = config.artifacts or DEFAULT_ARTIFACTS
+    return root / f"{config.model}-{image_size}-{target}-{precision}"
+
+
+def reusable(output: Path, model, image_size: int, target: str, precision: str, dynamic: bool) -> bool:
+    """Whether ``output`` holds a published conversion of exactly this request."""
+    from mf_edge.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(output)
+    except UserError:
+        return False
+    spec, weights = manifest.get("spec", {}), manifest.get("weights", {})
+    ours = model.mf_edge_weights
+    return (manifest.get("model", {}).get("name") == model.mf_edge_info.name
+            and manifest.get("target") == target and spec.get("precision") == precision
+            and spec.get("image_size") == image_size
+            and bool(spec.get("dynamic_batch")) == dynamic and weights.get("sha256") == ours.get("sha256")
+            and weights.get("seed") == ours.get("seed"))
+
+
+def size_mb(path: Path) -> float:
+    """Size of a file, or of everything in a folder (``.mlpackage``), in MB (10^6 bytes)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+    return path.stat().st_size / 1e6
+
+
+def make_artifact(config: BenchConfig, model, image_size: int, target: str, precision: str) -> Row:
+    """Convert (or reuse) one format through the pipeline; a failure becomes the row's note."""
+    from mf_edge.pipeline import convert
+
+    output = artifact_dir(config, image_size, target, precision)
+    dynamic = target in DYNAMIC_BATCH_TARGETS
+    runtime = RUNTIME_NAMES.get(target, target)
+    if not config.rebuild and reusable(output, model, image_size, target, precision, dynamic):
+        note(f"reusing {output}")
+    else:
+        ptq = ({"calib_data": config.calib_data or config.images}
+               if precision in ("int8", "w8") and (config.calib_data or config.images) else None)
+        try:
+            convert(model, target, precision, image_size=image_size, dynamic_batch=dynamic,
+                    images=config.images, output=output, force=True, seed=config.seed, ptq_options=ptq)
+        except UserError as exc:
+            status = "not runnable here" if type(exc).__name__ == "RuntimeUnavailable" else "failed"
+            return Row(runtime, target, precision, status, note=str(exc))
+    from mf_edge.manifest import read_manifest
+
+    manifest = read_manifest(output)
+    artifact = output / manifest["artifact"]
+    parity = manifest.get("parity", {}).get("status")
+    status, reason = "measured", None
+    if not artifact.exists():
+        return Row(runtime, target, precision, "not runnable here", parity=parity,
+                   note=(manifest.get("parity") or {}).get("reason") or f"{artifact.name} was not built here")
+    if target in SIZE_ONLY:
+        status, reason = "size only", SIZE_ONLY[target]
+    elif parity == "not run":  # the conversion could not run its own runtime here (TensorRT without a GPU)
+        status = "not runnable here"
+        reason = f"{manifest['parity'].get('reason')} (size: {artifact.name})"
+    details = {key: value for key, value in (manifest.get("details") or {}).items() if key in DETAIL_KEYS}
+    if manifest.get("quantization"):
+        details["quantization"] = {key: manifest["quantization"].get(key) for key in ("scheme", "kept_float")
+                                   if key in manifest["quantization"]}
+    return Row(runtime, target, precision, status, note=reason, artifact=str(artifact),
+               size_mb=size_mb(artifact), parity=parity, details=details)
+
+
+def run_worker(job: dict, workdir: Path, tag: str) -> dict:
+    """Run ``mf_edge.bench.measure`` in a fresh interpreter; its result or ``{"error": ...}``."""
+    job_path, result_path = workdir / f"{tag}.job.json", workdir / f"{tag}.result.json"
+    job_path.write_text(json.dumps(job))
+    command = [sys.executable, "-m", "mf_edge.bench.measure", str(job_path), str(result_path)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    if done.returncode != 0 or not result_path.is_file():
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        return {"error": lines[-1] if lines else f"exit code {done.returncode}"}
+    return json.loads(result_path.read_text())
+
+
+def base_job(config: BenchConfig, image_size: int, threads: int, images_path: Path) -> dict:
+    return {"threads": threads, "runs": config.runs, "warmup": config.warmup, "batch": config.batch,
+            "images": str(images_path), "image_size": image_size, "model": config.model,
+            "weights": config.weights, "seed": config.seed}
+
+
+def summarise(row: Row, reference: np.ndarray | None, images: BenchImages, workdir: Path) -> dict:
+    """The row's JSON: pooled timings over rounds, memory (worst round), fidelity vs the float logits."""
+    data = {key: value for key, value in asdict(row).items() if key != "measured"}
+    runs = [m for m in row.measured if "error" not in m]
+    errors = [m["error"] for m in row.measured if "error" in m]
+    if errors and not runs:
+        unavailable = all(m.get("unavailable") for m in row.measured)
+        data["status"] = "not runnable here" if unavailable else "failed"
+        data["note"] = errors[0]
+    if not runs:
+        return data
+    first = runs[0]
+    latency = latency_stats([t for m in runs for t in m["latency_ms"]])
+    per_round = [float(np.median(m["latency_ms"])) for m in runs]
+    batch_ms = float(np.median([t for m in runs for t in m["batch_ms"]]))
+    data.update({
+        "runtime": first["runtime"], "threads": first["threads"], "rounds": len(runs),
+        "load_ms": float(np.median([m["load_ms"] for m in runs])),
+        "latency_batch": first["latency_batch"],
+        "latency": {**latency, "round_medians_ms": per_round},
+        "throughput_batch": first["throughput_batch"],
+        "throughput_ips": first["throughput_batch"] * 1000.0 / batch_ms,
+        "peak_rss_mb": max(m["peak_rss_mb"] for m in runs),
+        "peak_rss_batch_mb": max(m["peak_rss_batch_mb"] for m in runs),
+        "rss_before_load_mb": max(m["rss_before_load_mb"] for m in runs),
+    })
+    logits = np.load(workdir / f"{tag_of(row)}.logits.npy")
+    if reference is not None:
+        data["fidelity"] = parity_lib.compare(reference, logits)
+    if images.labels is not None and logits.shape[1] == len(images.classes or ()):
+        data["accuracy"] = float((logits.argmax(1) == images.labels).mean())
+    return data
+
+
+def tag_of(row: Row) -> str:
+    return f"{row.runtime}-{row.target or 'eager'}-{row.precision}"
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Convert, measure and compare every requested format of ``config.model``: the bench report."""
+    from mf_edge.manifest import tool_versions
+    from mf_edge.pipeline import load_model, make_spec
+
+    config.check()
+    started = time.time()
+    host = host_facts()
+    threads = config.threads or available_cores()
+    pairs = plan(config)
+    model = load_model(config.model, config.weights, image_size=config.image_size, seed=config.seed)
+    spec = make_spec(model, get_target(pairs[0][0]), pairs[0][1], config.image_size)
+    image_size = spec.image_size
+    images = bench_images(spec, config.images, config.num_images)
+
+    rows = [Row(PYTORCH, None, "fp32", "measured", note="reference (float model, eager)",
+                size_mb=sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6)]
+    for target, precision in pairs:
+        with step(f"{target} {precision}: convert"):
+            rows.append(make_artifact(config, model, image_size, target, precision))
+    measured = [row for row in rows if row.status == "measured"]
+
+    with tempfile.TemporaryDirectory(prefix="mf-edge-bench-") as tmp:
+        workdir = Path(tmp)
+        images_path = workdir / "images.npy"
+        np.save(images_path, images.batch)
+        job = base_job(config, image_size, threads, images_path)
+        for round_index in range(config.rounds):
+            for row in measured:
+                tag = tag_of(row)
+                kind = {"kind": PYTORCH} if row.runtime == PYTORCH else {
+                    "kind": "artifact", "target": row.target, "output": str(Path(row.artifact).parent)}
+                logits = str(workdir / f"{tag}.logits.npy")
+                with step(f"round {round_index + 1}/{config.rounds}: {tag}"):
+                    row.measured.append(run_worker({**job, **kind, "logits": logits}, workdir,
+                                                   f"{tag}-{round_index}"))
+        reference_path = workdir / f"{tag_of(rows[0])}.logits.npy"
+        reference = np.load(reference_path) if reference_path.is_file() else None
+        summaries = [summarise(row, reference, images, workdir) for row in rows]
+
+    return {
+        "model": config.model, "weights": model.mf_edge_weights, "image_size": image_size,
+        "threads": threads, "runs": config.runs, "warmup": config.warmup, "rounds": config.rounds,
+        "batch": config.batch, "images": images.describe(), "host": host,
+        "load_average_end": load_average(),
+        "tools": tool_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 1), "rows": summaries,
+    }
