@@ -163,8 +163,16 @@ def quantize_for_export(model: nn.Module, spec: ExportSpec,
         facts.update(observer=observer, calibration=calibration)
     else:
         facts.update(observer=None, calibration=None)
+    keep_float = opts.keep_float
+    if opts.max_drop is not None:  # the fewest worst layers in float for the budget (mf_edge.sensitivity)
+        if not scheme.calibrated:
+            raise UserError(f"--max-drop needs a calibrated int8 scheme, not {scheme.name}; drop --max-drop.")
+        from mf_edge.sensitivity import keep_float_for_budget
+
+        keep_float, facts["max_drop"] = keep_float_for_budget(graph, spec, scheme, observer, stats, opts)
+        facts.update(keep_float=list(keep_float), kept_float_layers=kept_float_layers(model, keep_float))
     with step(f"quantizing ({scheme.name})"):
-        prepared = prepare_and_load(graph, scheme, observer, opts.keep_float, stats, spec.image_size)
+        prepared = prepare_and_load(graph, scheme, observer, keep_float, stats, spec.image_size)
         simulated = convert_quantized(prepared)
     facts["options"] = opts.to_dict()
     module = model if scheme.applied_by == "coremltools" else simulated

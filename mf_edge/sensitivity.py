@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from mf_edge.calibration.schemes import matches_keep_float
 from mf_edge.console import track
 from mf_edge.errors import UserError
 from mf_edge.parity import compare
@@ -54,6 +55,8 @@ PASS_THROUGH = {getattr(_aten, name).default for name in (
     _aten.mean.dim, _aten.transpose.int, _aten.squeeze.dim, _aten.squeeze_copy.dim, _aten.slice.Tensor,
     _aten.slice_copy.Tensor, _aten.flatten.using_ints}
 EVAL_BATCH = 16
+BUDGET_EVAL_IMAGES = 64  # held-out images convert --max-drop measures the drop on
+RANKING_IMAGES = 16  # of which the per-layer ranking uses the first
 
 
 @dataclass
@@ -201,8 +204,6 @@ class QuantizedVariants:
 
     def keeping_float(self, keep_float: Iterable[str]) -> GraphModule:
         """Everything quantized except the layers matching the ``keep_float`` patterns."""
-        from mf_edge.calibration.schemes import matches_keep_float
-
         patterns = tuple(keep_float)
         return self.configure([name for name in self.layers if not matches_keep_float(name, patterns)],
                               others=True)
@@ -280,8 +281,6 @@ def budget_keep_float(variants: QuantizedVariants, images: torch.Tensor, max_dro
     What ``quantize_for_export`` calls with its captured graph and statistics (``variants``) and the
     images to measure the drop on.
     """
-    from mf_edge.calibration.schemes import matches_keep_float
-
     patterns = tuple(keep_float)
     layers = [layer for layer in variants.layers if not matches_keep_float(layer, patterns)]
     reference = logits(variants.graph, images)
@@ -289,6 +288,34 @@ def budget_keep_float(variants: QuantizedVariants, images: torch.Tensor, max_dro
     choice = choose_keep_float(variants, [effect.layer for effect in effects], images, max_drop, metric,
                                patterns, reference)
     return choice, effects
+
+
+def keep_float_for_budget(graph: GraphModule, spec, scheme, observer: str, stats: dict, opts,
+                          eval_size: int = BUDGET_EVAL_IMAGES) -> tuple[tuple[str, ...], dict]:
+    """``convert --max-drop``: the ``keep_float`` patterns meeting ``opts.max_drop``, and manifest facts.
+
+    Called by ``quantize_for_export`` with its captured graph and calibration statistics. The drop is
+    measured on ``eval_size`` images of ``opts.calib_data`` that follow the calibration sample (held
+    out from it); layers are ranked on the first ``RANKING_IMAGES`` of them.
+    """
+    from mf_edge.calibration.data import load_calibration_set
+
+    if not opts.calib_data:
+        raise UserError("--max-drop measures the drop on images: pass --calib-data DIR (a calibration file "
+                        "alone has no images to measure on).")
+    sample = load_calibration_set(opts.calib_data, spec.preprocessing, opts.calib_size + eval_size, opts.seed,
+                                  opts.cache_dir)
+    images = sample.images[opts.calib_size:]
+    if len(images) == 0:
+        raise UserError(f"--max-drop needs images beyond the {opts.calib_size} calibration images of "
+                        f"{opts.calib_data}; pass a larger folder or a smaller --calib-size.")
+    variants = QuantizedVariants(graph, scheme, observer, stats, spec.image_size)
+    patterns = tuple(opts.keep_float)
+    layers = [layer for layer in variants.layers if not matches_keep_float(layer, patterns)]
+    ranking = [effect.layer for effect in layer_sensitivity(variants, layers, images[:RANKING_IMAGES])]
+    choice = choose_keep_float(variants, ranking, images, opts.max_drop, "top1", patterns)
+    facts = {**choice.to_dict(), "evaluation_images": len(images), "ranking": ranking}
+    return tuple(choice.keep_float), facts
 
 
 # ---------------------------------------------------------------- the `mf-edge sensitivity` command
@@ -329,7 +356,7 @@ def run_sensitivity(model_name: str, calib_data: str, target: str = "executorch"
     from mf_edge.calibration.graph import capture
     from mf_edge.calibration.observers import DEFAULT_OBSERVER, observer_class
     from mf_edge.calibration.quantize import QuantizeOptions, calibrate_graph
-    from mf_edge.calibration.schemes import matches_keep_float, scheme_for
+    from mf_edge.calibration.schemes import scheme_for
     from mf_edge.console import step
     from mf_edge.converters import get_target
     from mf_edge.pipeline import load_model, make_spec

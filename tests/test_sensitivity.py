@@ -148,3 +148,45 @@ def test_unknown_layer_pattern_is_a_user_error(cifar10_small: Path, tmp_path: Pa
               "nope.*", "--out", str(tmp_path / "s.json"), "--quiet"])
     assert done.value.code == 2
     assert "matches" in capsys.readouterr().err
+
+
+def test_budgeted_convert_meets_its_budget(cifar10_small: Path, tmp_path: Path) -> None:
+    """``convert --precision int8 --max-drop``: the worst-ranked layers kept float, drop within budget."""
+    from mf_edge.calibration.data import load_calibration_set
+    from mf_edge.converters import get_target
+    from mf_edge.pipeline import convert, load_model
+    from mf_edge.sensitivity import BUDGET_EVAL_IMAGES
+
+    budget, calib_size = 0.05, 24
+    model = load_model("identityformer_s12", "random", image_size=SIZE)
+    result = convert(model, "onnx", "int8", image_size=SIZE, images=cifar10_small / "val",
+                     output=tmp_path / "out",
+                     ptq_options={"calib_data": cifar10_small / "train", "calib_size": calib_size,
+                                  "observer": "minmax", "max_drop": budget})
+    facts = result.manifest["quantization"]
+    choice = facts["max_drop"]
+    assert choice["drop"] <= budget and choice["max_drop"] == budget and choice["metric"] == "top1"
+    assert choice["keep_float"] == choice["ranking"][:len(choice["keep_float"])] == facts["keep_float"]
+    assert choice["trials"][0] == {"kept": 0, "drop": choice["trials"][0]["drop"]}
+    assert set(facts["kept_float_layers"]) == set(choice["keep_float"])
+    # the artifact itself, in onnxruntime, on the held-out images the drop was measured on
+    spec = result.manifest["spec"]
+    images = load_calibration_set(cifar10_small / "train", model_spec_prep(model, spec["image_size"]),
+                                  calib_size + BUDGET_EVAL_IMAGES, use_cache=False).images[calib_size:]
+    runtime = get_target("onnx").runtime(result.output, spec_of(result))
+    float_top1 = logits(model, images).argmax(1)
+    artifact = np.concatenate([runtime.run(images[i:i + 1].numpy()) for i in range(len(images))])
+    artifact_top1 = artifact.argmax(1)
+    assert 1 - (float_top1 == artifact_top1).mean() <= budget + 2 / len(images)  # runtime rounding: +2 images
+
+
+def model_spec_prep(model, image_size: int):
+    from mf_edge.spec import ExportSpec
+
+    return ExportSpec.for_model(model.mf_edge_info, image_size=image_size).preprocessing
+
+
+def spec_of(result):
+    from mf_edge.manifest import spec_from_manifest
+
+    return spec_from_manifest(result.manifest)

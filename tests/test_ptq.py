@@ -1,0 +1,278 @@
+"""Post-training quantization end to end: real models, CIFAR-10 calibration, real runtimes.
+
+Random-weight models at 64 px calibrated on CIFAR-10 images. Parity of an int8 artifact against its
+PyTorch simulation is not bit-exact: a runtime's float rounding differs from PyTorch's, which flips
+an occasional int8 rounding, and in a deep network those flips re-draw part of the quantization
+noise (a 1e-7 relative perturbation of every op gives the same spread on the simulation itself;
+README, Quantization). So int8 checks are the pipeline's thresholds plus: mean cosine to the
+simulation >= 0.998 and nearer the simulation than the float model. Weight-only / dynamic ``w8`` has
+no such cascade: worst-sample cosine to the simulation >= 0.999.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mf_edge.cli.calibrate  # noqa: F401  (registers the command on the app)
+from mf_edge.calibration import quantize as quantize_module
+from mf_edge.calibration import quantize_for_export
+from mf_edge.cli import app, main
+from mf_edge.console import set_quiet
+from mf_edge.converters import get_target
+from mf_edge.errors import UserError
+from mf_edge.pipeline import convert, load_model, make_spec, prepare_for_target
+
+SIZE = 64
+CALIB = 32
+QUANTIZE = torch.ops.quantized_decomposed.quantize_per_tensor.default
+
+
+@pytest.fixture(scope="module")
+def calib_dir(cifar10_small: Path) -> Path:
+    return cifar10_small / "train"
+
+
+@pytest.fixture(scope="module")
+def parity_dir(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 labelled CIFAR-10 test images (3 classes x 4)."""
+    out = tmp_path_factory.mktemp("parity")
+    for class_dir in sorted((cifar10_small / "val").iterdir())[:3]:
+        (out / class_dir.name).mkdir()
+        for image in sorted(class_dir.iterdir())[:4]:
+            (out / class_dir.name / image.name).symlink_to(image.resolve())
+    return out
+
+
+@pytest.fixture(autouse=True)
+def quiet(tmp_path, monkeypatch):
+    set_quiet(True)
+    monkeypatch.setenv("MF_EDGE_CACHE", str(tmp_path / "cache"))
+    yield
+    set_quiet(False)
+
+
+def fp32_bytes(name: str) -> int:
+    """The parameter bytes of the fp32 model: the floor of any fp32 artifact's size."""
+    return sum(4 * p.numel() for p in load_model(name, "random", image_size=SIZE).parameters())
+
+
+def check_quantized_parity(conversion, precision: str = "int8") -> None:
+    """The pipeline's thresholds passed; int8: nearer its simulation than the float model; w8: >= 0.999."""
+    references = conversion.parity["references"]
+    assert conversion.parity["status"] == "pass"
+    simulated, float_ = references["simulated"]["metrics"], references["float"]["metrics"]
+    assert simulated["top1_agreement"] >= 0.75
+    if precision == "int8":
+        assert simulated["cosine"] >= 0.99 and simulated["cosine_mean"] >= 0.998
+        assert simulated["cosine_mean"] > float_["cosine_mean"]
+    else:
+        assert simulated["cosine"] >= 0.999
+
+
+def check_manifest(conversion, scheme: str, artifact_bytes_limit: float | None) -> dict:
+    quantization = conversion.manifest["quantization"]
+    assert quantization["scheme"]["name"] == scheme
+    if quantization["calibration"] is not None:
+        assert quantization["calibration"]["count"] == CALIB
+        assert len(quantization["calibration"]["sha256"]) == 64
+    if artifact_bytes_limit is not None:
+        size = conversion.manifest["files"][conversion.manifest["artifact"]]["bytes"]
+        assert size <= artifact_bytes_limit, f"{size} > {artifact_bytes_limit}"
+    return quantization
+
+
+def test_onnx_int8_qdq_convformer(calib_dir, parity_dir, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    result = convert("convformer_s18", "onnx", "int8", weights="random", image_size=SIZE, images=parity_dir,
+                     output=tmp_path / "out", ptq_options={"calib_data": calib_dir, "calib_size": CALIB})
+    check_quantized_parity(result)
+    quantization = check_manifest(result, "qdq-w8a8", 0.30 * fp32_bytes("convformer_s18"))
+    assert quantization["observer"] == "mse" and quantization["calibration"]["classes"] == 10
+    model = onnx.load(str(result.artifact))
+    ops = collections.Counter(node.op_type for node in model.graph.node)
+    assert ops["QuantizeLinear"] > 50 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    constants = {node.output[0]: numpy_helper.to_array(node.attribute[0].t)
+                 for node in model.graph.node if node.op_type == "Constant" and node.attribute[0].type == 4}
+    values = {**initializers, **constants}
+    zero_points = [values[node.input[2]] for node in model.graph.node
+                   if node.op_type == "QuantizeLinear" and node.input[2] in values]
+    assert zero_points and all(zp.dtype == np.int8 and not zp.any() for zp in zero_points)  # symmetric
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "MatMul", "Gemm"):
+            feeding = [producers[name].op_type if name in producers else "input" for name in node.input[:2]]
+            assert "DequantizeLinear" in feeding or "Transpose" in feeding, (node.name, feeding)
+
+
+@pytest.mark.parametrize("precision", ["int8", "w8"])
+def test_executorch_quantized_is_delegated_to_xnnpack(precision, calib_dir, parity_dir, tmp_path):
+    ptq = {"calib_data": calib_dir, "calib_size": CALIB} if precision == "int8" else {}
+    result = convert("identityformer_s12", "executorch", precision, weights="random", image_size=SIZE,
+                     images=parity_dir, output=tmp_path / "out", ptq_options=ptq)
+    check_quantized_parity(result, precision)
+    # int8: every conv and linear int8; w8 (dynamic int8 linears): the convolutions stay fp32
+    limit = 0.30 if precision == "int8" else 0.40
+    scheme = "xnnpack-w8a8" if precision == "int8" else "xnnpack-dynamic-w8"
+    check_manifest(result, scheme, limit * fp32_bytes("identityformer_s12"))
+    delegation = result.manifest["details"]["delegation"]
+    assert not [op for op in delegation["non_delegated"] if "quantize" in op or "qparams" in op]
+    assert delegation["coverage"] > 0.95
+
+
+def _coreml_ops(package: Path) -> collections.Counter:
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(package))
+    return collections.Counter(op.type for function in spec.mlProgram.functions.values()
+                               for block in function.block_specializations.values()
+                               for op in block.operations)
+
+
+def _export(name: str, target: str, precision: str, out: Path, **ptq):
+    """quantize + export through the pipeline's own steps (no parity run)."""
+    from mf_edge.pipeline import export, quantize
+
+    model = load_model(name, "random", image_size=SIZE)
+    chosen = get_target(target)
+    spec = make_spec(model, chosen, precision, SIZE)
+    quantized = quantize(model, spec, chosen, ptq)
+    out.mkdir()
+    return quantized, export(chosen, quantized.module, spec, out)
+
+
+@pytest.mark.parametrize("precision", ["w8", "int8"])
+def test_coreml_quantized_packages_hold_quantized_ops(precision, calib_dir, tmp_path):
+    ptq = {"calib_data": calib_dir, "calib_size": CALIB} if precision == "int8" else {}
+    quantized, result = _export("identityformer_s12", "coreml", precision, tmp_path / "out", **ptq)
+    package = result.files[0]
+    ops = _coreml_ops(package)
+    gemms = ops["linear"] + ops["conv"]
+    compressed = ops["constexpr_affine_dequantize"] + ops["constexpr_blockwise_shift_scale"]
+    assert gemms >= 25 and compressed >= gemms - 1  # every conv/linear weight is int8 (maybe not the stem)
+    size = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
+    assert size <= 0.30 * fp32_bytes("identityformer_s12")
+    if precision == "int8":
+        assert ops["quantize"] >= gemms - 1 and ops["dequantize"] >= ops["quantize"]
+        assert quantized.details["scheme"]["name"] == "coreml-w8a8"
+    else:
+        assert not ops["quantize"]
+        assert result.details["weight_compression"]["dtype"] == "int8"
+        assert quantized.details["scheme"]["applied_by"] == "coremltools"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["w8", "int8"])
+def test_coreml_quantized_parity_in_the_reference_executor(precision, calib_dir, parity_dir, tmp_path):
+    ptq = {"calib_data": calib_dir, "calib_size": CALIB} if precision == "int8" else {}
+    result = convert("convformer_s18", "coreml", precision, weights="random", image_size=SIZE,
+                     images=parity_dir, output=tmp_path / "out", ptq_options=ptq)
+    check_quantized_parity(result, precision)
+
+
+# ---------------------------------------------------------------- calibrate once, export several times
+
+MODEL = "identityformer_s12"
+
+
+@pytest.fixture(scope="module")
+def calibration_file(calib_dir, tmp_path_factory) -> Path:
+    """``mf-edge calibrate`` for ONNX and Core ML (one shared graph), minmax observer."""
+    out = tmp_path_factory.mktemp("calibration") / "calibration.safetensors"
+    result = CliRunner().invoke(app, ["calibrate", MODEL, "--weights", "random", "--image-size", str(SIZE),
+                                      "--calib-data", str(calib_dir), "--calib-size", str(CALIB),
+                                      "--observer", "minmax", "--target", "onnx", "--target", "coreml",
+                                      "--output", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out)
+    return out
+
+
+def _scales(module) -> list[tuple[float, int]]:
+    return [(float(n.args[1]), int(n.args[2])) for n in module.graph.nodes if n.target == QUANTIZE]
+
+
+def _prepared(target: str, seed: int = 0):
+    model = load_model(MODEL, "random", image_size=SIZE, seed=seed)
+    chosen = get_target(target)
+    spec = make_spec(model, chosen, "int8", SIZE)
+    return prepare_for_target(model, spec, chosen), spec
+
+
+def test_calibrate_once_export_twice_reuses_the_file(calibration_file, calib_dir, monkeypatch):
+    from mf_edge.calibration.store import load_record
+
+    record = load_record(calibration_file)
+    assert record.targets == ["onnx", "coreml"] and len(record.graphs) == 1
+    assert record.calibration_set["count"] == CALIB and record.observer == "minmax"
+    prepared, spec = _prepared("onnx")
+    direct = quantize_for_export(prepared, spec, {"target": "onnx", "calib_data": calib_dir,
+                                                  "calib_size": CALIB, "observer": "minmax"})
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran although a calibration file was given")
+
+    monkeypatch.setattr(quantize_module, "collect_statistics", no_calibration)
+    monkeypatch.setattr(quantize_module, "load_calibration_set", no_calibration)
+    for target in ("onnx", "coreml"):
+        prepared, spec = _prepared(target)
+        reused = quantize_for_export(prepared, spec, {"target": target, "calibration": calibration_file})
+        assert reused.details["calibration"]["sha256"] == direct.details["calibration"]["sha256"]
+        assert reused.details["calibration"]["file"]["sha256"] == record.sha256
+        if target == "onnx":  # the same scheme: exactly the qparams of calibrating directly
+            assert _scales(reused.simulated) == _scales(direct.simulated) and _scales(direct.simulated)
+        else:
+            assert len(_scales(reused.simulated)) >= len(_scales(direct.simulated))
+
+
+def test_calibration_file_of_another_model_size_target_or_weights_is_refused(calibration_file):
+    options = {"target": "onnx", "calibration": calibration_file}
+    other = load_model("poolformerv2_s12", "random", image_size=SIZE)
+    spec = make_spec(other, get_target("onnx"), "int8", SIZE)
+    with pytest.raises(UserError, match=f"was made for {MODEL} at 64px, 1000 classes, not poolformerv2_s12"):
+        quantize_for_export(other, spec, options)
+    prepared, spec = _prepared("onnx", seed=1)
+    with pytest.raises(UserError, match="covers onnx, coreml, not executorch"):
+        quantize_for_export(prepared, spec, {"target": "executorch", "calibration": calibration_file})
+    with pytest.raises(UserError, match="used the minmax observer, not mse"):
+        quantize_for_export(prepared, spec, {**options, "observer": "mse"})
+    with pytest.raises(UserError, match="other weights"):
+        quantize_for_export(prepared, spec, options)
+
+
+# ---------------------------------------------------------------- command-line errors
+
+
+def _main_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "Traceback" not in err
+    return err
+
+
+def test_cli_calibrate_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = ["calibrate", "identityformer_s12", "--weights", "random", "--image-size", "64", "--quiet"]
+    assert "no images" in _main_error(base + ["--calib-data", str(empty)], capsys)
+    assert "does not exist" in _main_error(base + ["--calib-data", str(tmp_path / "nope")], capsys)
+    assert "unknown observer 'p99'" in _main_error(base + ["--calib-data", str(empty), "--observer", "p99"],
+                                                   capsys)
+    assert "no quantization scheme for tflite int8" in _main_error(
+        base + ["--calib-data", str(empty), "--target", "tflite"], capsys)
+
+
+def test_int8_without_calibration_images_says_how_to_give_them(parity_dir, tmp_path):
+    with pytest.raises(UserError, match="needs calibration images: pass --calib-data DIR"):
+        convert("identityformer_s12", "onnx", "int8", weights="random", image_size=SIZE, images=parity_dir,
+                output=tmp_path / "out")
