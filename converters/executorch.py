@@ -55,6 +55,15 @@ def _op_name(node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def max_batch(program) -> int:
+    """The batch upper bound the lowered program was planned for.
+
+    Edge lowering can narrow the exported range (1..MAX_DYNAMIC_BATCH): for ConvFormer it becomes
+    2..15, and the runtime then refuses larger batches; the manifest records what the ``.pte`` holds.
+    """
+    return min(int(r.upper) for r in program.range_constraints.values())
+
+
 class ExecuTorchRuntime:
     """A ``.pte`` program loaded in the ExecuTorch runtime (XNNPACK kernels registered)."""
 
@@ -69,6 +78,11 @@ class ExecuTorchRuntime:
         if not path.is_file():
             raise UserError(f"{path} does not exist; convert the model to ExecuTorch first.")
         self._method = Runtime.get().load_program(path).load_method("forward")
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch the program's memory plan holds (its input's upper-bound shape)."""
+        return int(self._method.metadata.input_tensor_meta(0).sizes()[0])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -102,7 +116,10 @@ class ExecuTorchTarget:
             executorch_program = edge.to_executorch()
         path = out_dir / ARTIFACT
         path.write_bytes(executorch_program.buffer)
-        return ExportResult([path], {"delegation": coverage, "method": "forward"})
+        details = {"delegation": coverage, "method": "forward"}
+        if spec.dynamic_batch:
+            details["max_batch"] = max_batch(edge.exported_program())
+        return ExportResult([path], details)
 
     def runtime(self, out_dir: Path, spec: ExportSpec) -> ExecuTorchRuntime:
         return ExecuTorchRuntime(Path(out_dir) / ARTIFACT)

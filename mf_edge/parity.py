@@ -75,11 +75,14 @@ def reference_logits(model: nn.Module, batch: np.ndarray, chunk: int = 16) -> np
 def runtime_logits(runtime: Runtime, batch: np.ndarray, batch_size: int, dynamic_batch: bool) -> np.ndarray:
     """Logits of ``runtime`` on ``batch``: whole for a dynamic batch, else in chunks of ``batch_size``.
 
-    The last chunk of a static-batch artifact is padded by repeating its first image; padded rows
-    are dropped from the result.
+    A dynamic batch runs in chunks of the runtime's ``max_batch`` where it has one (an ExecuTorch
+    memory plan is sized for its upper bound). The last chunk of a static-batch artifact is padded by
+    repeating its first image; padded rows are dropped from the result.
     """
     if dynamic_batch:
-        return np.asarray(runtime.run(np.ascontiguousarray(batch)))
+        chunk = getattr(runtime, "max_batch", None) or len(batch)
+        return np.concatenate([np.asarray(runtime.run(np.ascontiguousarray(batch[start:start + chunk])))
+                               for start in range(0, len(batch), chunk)])
     outputs = []
     for start in range(0, len(batch), batch_size):
         chunk = batch[start:start + batch_size]

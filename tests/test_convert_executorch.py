@@ -87,6 +87,10 @@ def test_batch_shapes(converted, float_models) -> None:
     model = float_models[spec.model]
     sizes = (1, 3) if spec.dynamic_batch else (spec.batch_size,)
     assert manifest["input"]["dynamic_batch"] == spec.dynamic_batch
+    if spec.dynamic_batch:  # the memory plan holds the exported upper bound; one more image is refused
+        assert runtime.max_batch == manifest["details"]["max_batch"] == 256
+        with pytest.raises(RuntimeError):
+            runtime.run(np.zeros((257, 3, SIZE, SIZE), np.float32))
     for size in sizes:
         batch = torch.randn(size, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(size)).numpy()
         logits = runtime.run(batch)

@@ -138,6 +138,14 @@ def test_static_batch_runs_in_padded_chunks(model, inputs) -> None:
     np.testing.assert_allclose(logits, expected, atol=1e-4)
 
 
+def test_dynamic_batch_runs_in_chunks_of_the_runtimes_max_batch(model, inputs) -> None:
+    runtime = TorchRuntime(model)
+    runtime.max_batch = 3  # an ExecuTorch memory plan's upper bound
+    logits = parity_lib.runtime_logits(runtime, inputs.batch, batch_size=1, dynamic_batch=True)
+    assert runtime.calls == 3 and logits.shape == (8, 1000)  # 3 + 3 + 2, no padding
+    np.testing.assert_allclose(logits, parity_lib.reference_logits(model, inputs.batch), atol=1e-4)
+
+
 def test_not_run_is_never_a_pass(inputs) -> None:
     report = parity_lib.not_run("TensorRT needs an NVIDIA GPU", "fp16", inputs)
     assert report["status"] == "not run" and report["references"] == {}
