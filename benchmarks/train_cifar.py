@@ -101,7 +101,7 @@ def run_model(name: str, args: argparse.Namespace, data: Path, work: Path) -> li
         closed = (qat_top1 - ptq_top1) / gap * 100 if gap > 0 else float("nan")
         rows.append({"model": name, "target": target, "float": float_top1, "ptq": ptq_top1, "qat": qat_top1,
                      "gap_closed": closed, "float_train_s": float_seconds, "qat_train_s": qat_seconds,
-                     "qat_source": quantization.get("method") or quantization.get("source")})
+                     "qat_source": (quantization.get("calibration") or {}).get("source")})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

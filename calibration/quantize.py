@@ -169,7 +169,8 @@ def quantize_for_export(model: nn.Module, spec: ExportSpec,
             raise UserError(f"--max-drop needs a calibrated int8 scheme, not {scheme.name}; drop --max-drop.")
         from mf_edge.sensitivity import keep_float_for_budget
 
-        keep_float, facts["max_drop"] = keep_float_for_budget(graph, spec, scheme, observer, stats, opts)
+        keep_float, facts["max_drop"] = keep_float_for_budget(graph, spec, scheme, observer, stats, opts,
+                                                                        model)
         facts.update(keep_float=list(keep_float), kept_float_layers=kept_float_layers(model, keep_float))
     with step(f"quantizing ({scheme.name})"):
         prepared = prepare_and_load(graph, scheme, observer, keep_float, stats, spec.image_size)

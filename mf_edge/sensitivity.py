@@ -291,12 +291,14 @@ def budget_keep_float(variants: QuantizedVariants, images: torch.Tensor, max_dro
 
 
 def keep_float_for_budget(graph: GraphModule, spec, scheme, observer: str, stats: dict, opts,
+                          model: nn.Module | None = None,
                           eval_size: int = BUDGET_EVAL_IMAGES) -> tuple[tuple[str, ...], dict]:
     """``convert --max-drop``: the ``keep_float`` patterns meeting ``opts.max_drop``, and manifest facts.
 
     Called by ``quantize_for_export`` with its captured graph and calibration statistics. The drop is
     measured on ``eval_size`` images of ``opts.calib_data`` that follow the calibration sample (held
-    out from it); layers are ranked on the first ``RANKING_IMAGES`` of them.
+    out from it); layers are ranked on the first ``RANKING_IMAGES`` of them. ``model`` (the prepared
+    float model) groups the pieces of one module, as ``mf-edge sensitivity`` does.
     """
     from mf_edge.calibration.data import load_calibration_set
 
@@ -309,7 +311,7 @@ def keep_float_for_budget(graph: GraphModule, spec, scheme, observer: str, stats
     if len(images) == 0:
         raise UserError(f"--max-drop needs images beyond the {opts.calib_size} calibration images of "
                         f"{opts.calib_data}; pass a larger folder or a smaller --calib-size.")
-    variants = QuantizedVariants(graph, scheme, observer, stats, spec.image_size)
+    variants = QuantizedVariants(graph, scheme, observer, stats, spec.image_size, model)
     patterns = tuple(opts.keep_float)
     layers = [layer for layer in variants.layers if not matches_keep_float(layer, patterns)]
     ranking = [effect.layer for effect in layer_sensitivity(variants, layers, images[:RANKING_IMAGES])]

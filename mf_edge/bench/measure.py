@@ -137,6 +137,8 @@ def load_artifact(job: dict):
     runtime = target.runtime(Path(job["output"]), spec)
     facts = {"dynamic_batch": spec.dynamic_batch, "batch_size": spec.batch_size,
              "runtime": getattr(runtime, "name", target.name)}
+    if spec.dynamic_batch and getattr(runtime, "max_batch", None):
+        facts["max_batch"] = runtime.max_batch  # an ExecuTorch memory plan's upper bound
     threads = getattr(runtime, "threads", None)
     if threads is not None:
         facts["runtime_threads"] = threads
@@ -181,7 +183,7 @@ def measure(job: dict) -> dict:
     latency_ms = timings(lambda: run(single), job["runs"], job["warmup"])
     peak_single = peak_rss_mb()
 
-    large_batch = facts["batch_size"] if static else job["batch"]
+    large_batch = facts["batch_size"] if static else min(job["batch"], facts.get("max_batch") or job["batch"])
     np.save(job["logits"], logits_in_chunks(run, images, large_batch, static))
     large = batch_of(images, large_batch)
     batch_ms = timings(lambda: run(large), job.get("batch_runs", max(3, job["runs"] // 4)), 1)

@@ -203,7 +203,8 @@ def make_artifact(config: BenchConfig, model, image_size: int, target: str, prec
         reason = f"{manifest['parity'].get('reason')} (size: {artifact.name})"
     details = {key: value for key, value in (manifest.get("details") or {}).items() if key in DETAIL_KEYS}
     if manifest.get("quantization"):
-        details["quantization"] = {key: manifest["quantization"].get(key) for key in ("scheme", "kept_float")
+        kept = ("scheme", "keep_float", "kept_float_layers")
+        details["quantization"] = {key: manifest["quantization"][key] for key in kept
                                    if key in manifest["quantization"]}
     return Row(runtime, target, precision, status, note=reason, artifact=str(artifact),
                size_mb=size_mb(artifact), parity=parity, details=details)

@@ -58,7 +58,7 @@ class TrainConfig:
             (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
              f"--max-steps-per-epoch must be at least 1, got {self.max_steps_per_epoch}."),
             (0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1), got {self.val_fraction}."),
-            (0 < self.min_crop_scale <= 1, f"--min-crop-scale must be in (0, 1], got {self.min_crop_scale}."),
+            (0 < self.min_crop_scale <= 1, f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}."),
             (0 <= self.freeze_observers_after <= 1,
              f"--freeze-observers-after must be a fraction of the training steps in [0, 1], got "
              f"{self.freeze_observers_after}."),
