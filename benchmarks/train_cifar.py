@@ -76,7 +76,7 @@ def train_or_reuse(config: TrainConfig) -> tuple[Path, float]:
 
 def run_model(name: str, args: argparse.Namespace, data: Path, work: Path) -> list[dict]:
     common = {"model": name, "data": data, "image_size": args.image_size, "batch_size": args.batch_size,
-              "workers": args.workers, "seed": args.seed, "device": "cpu"}
+              "workers": args.workers, "seed": args.seed, "device": args.device}
     float_weights, float_seconds = train_or_reuse(TrainConfig(
         **common, output=work / name / "float", epochs=args.epochs, lr=args.lr,
         warmup_epochs=args.warmup_epochs))
@@ -138,6 +138,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="training device: cpu or cuda")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args()
 
