@@ -87,14 +87,15 @@ def check_manifest(conversion, scheme: str, artifact_bytes_limit: float | None) 
     return quantization
 
 
-def test_onnx_int8_qdq_convformer(calib_dir, parity_dir, tmp_path):
+@pytest.mark.parametrize("name", ["convformer_s18", "caformer_s18"])
+def test_onnx_int8_qdq(name, calib_dir, parity_dir, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    result = convert("convformer_s18", "onnx", "int8", weights="random", image_size=SIZE, images=parity_dir,
+    result = convert(name, "onnx", "int8", weights="random", image_size=SIZE, images=parity_dir,
                      output=tmp_path / "out", ptq_options={"calib_data": calib_dir, "calib_size": CALIB})
     check_quantized_parity(result)
-    quantization = check_manifest(result, "qdq-w8a8", 0.30 * fp32_bytes("convformer_s18"))
+    quantization = check_manifest(result, "qdq-w8a8", 0.30 * fp32_bytes(name))
     assert quantization["observer"] == "mse" and quantization["calibration"]["classes"] == 10
     model = onnx.load(str(result.artifact))
     ops = collections.Counter(node.op_type for node in model.graph.node)
@@ -113,16 +114,17 @@ def test_onnx_int8_qdq_convformer(calib_dir, parity_dir, tmp_path):
             assert "DequantizeLinear" in feeding or "Transpose" in feeding, (node.name, feeding)
 
 
-@pytest.mark.parametrize("precision", ["int8", "w8"])
-def test_executorch_quantized_is_delegated_to_xnnpack(precision, calib_dir, parity_dir, tmp_path):
+@pytest.mark.parametrize(("name", "precision"), [("convformer_s18", "int8"), ("caformer_s18", "int8"),
+                                                 ("identityformer_s12", "w8")])
+def test_executorch_quantized_is_delegated_to_xnnpack(name, precision, calib_dir, parity_dir, tmp_path):
     ptq = {"calib_data": calib_dir, "calib_size": CALIB} if precision == "int8" else {}
-    result = convert("identityformer_s12", "executorch", precision, weights="random", image_size=SIZE,
+    result = convert(name, "executorch", precision, weights="random", image_size=SIZE,
                      images=parity_dir, output=tmp_path / "out", ptq_options=ptq)
     check_quantized_parity(result, precision)
     # int8: every conv and linear int8; w8 (dynamic int8 linears): the convolutions stay fp32
     limit = 0.30 if precision == "int8" else 0.40
     scheme = "xnnpack-w8a8" if precision == "int8" else "xnnpack-dynamic-w8"
-    check_manifest(result, scheme, limit * fp32_bytes("identityformer_s12"))
+    check_manifest(result, scheme, limit * fp32_bytes(name))
     delegation = result.manifest["details"]["delegation"]
     assert not [op for op in delegation["non_delegated"] if "quantize" in op or "qparams" in op]
     assert delegation["coverage"] > 0.95
