@@ -4,7 +4,9 @@ A ``Scheme`` names the weight and activation formats, which operators get quanti
 whether residual adds get a Q/DQ pair. Targets differ only in their scheme:
 
 - ExecuTorch ``int8``: executorch's ``XNNPACKQuantizer`` with ``get_symmetric_quantization_config(
-  is_per_channel=True)`` on convolutions and linears (XNNPACK's int8 kernels); ``w8``: the same
+  is_per_channel=True)`` on convolutions and linears (XNNPACK's int8 kernels), except depthwise
+  convolutions: XNNPACK's int8 depthwise kernels ran 1.4x slower than its fp32 ones on ConvFormer's
+  split 7x7 convolutions (ETDump profile; README, Benchmarks), for about 1% of the MACs; ``w8``: the same
   quantizer with ``is_dynamic=True`` on linears (int8 weights, activations quantized per batch at run
   time). Elementwise ops stay fp32: on MetaFormer, quantizing StarReLU's squares and the residual
   stream costs far more accuracy than it saves time.
@@ -51,6 +53,7 @@ class Scheme:
     weights: str = "int8 per-channel symmetric"
     residual_adds: bool = False
     applied_by: str = "pt2e"  # "pt2e", or "coremltools" (w8 compressed after conversion)
+    depthwise: bool = True  # False: depthwise convolutions stay float
 
     @property
     def calibrated(self) -> bool:
@@ -62,12 +65,14 @@ class Scheme:
                 "weights": self.weights,
                 "activations": f"int8 per-tensor {self.activations}" if self.calibrated
                 else ("int8 dynamic per batch" if self.activations == "dynamic" else "float"),
-                "residual_adds": self.residual_adds, "applied_by": self.applied_by}
+                "residual_adds": self.residual_adds, "applied_by": self.applied_by,
+                "depthwise_conv": "int8" if self.depthwise or "conv2d" not in self.ops else "float"}
 
 
 GEMM_OPS = ("conv2d", "linear", "matmul")
 SCHEMES: dict[tuple[str, str], Scheme] = {
-    ("executorch", "int8"): Scheme("xnnpack-w8a8", "xnnpack", ("conv2d", "linear"), "affine"),
+    ("executorch", "int8"): Scheme("xnnpack-w8a8", "xnnpack", ("conv2d", "linear"), "affine",
+                                   depthwise=False),
     ("executorch", "w8"): Scheme("xnnpack-dynamic-w8", "xnnpack", ("linear",), "dynamic"),
     ("onnx", "int8"): Scheme("qdq-w8a8", "qdq", GEMM_OPS, "symmetric"),
     ("onnx", "w8"): Scheme("qdq-weight-only-w8", "qdq", ("conv2d", "linear"), None),
@@ -294,9 +299,23 @@ def xnnpack_quantizer(scheme: Scheme, observer: str, quantizable: Callable[[Node
     return quantizer
 
 
+def is_depthwise_conv(node: Node) -> bool:
+    """An ``aten.conv2d`` node with one input channel per group and more than one group."""
+    if node.target != aten.conv2d.default:
+        return False
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    weight = node.args[1].meta.get("val") if isinstance(node.args[1], Node) else None
+    return groups > 1 and weight is not None and weight.shape[1] == 1
+
+
 def build_quantizer(scheme: Scheme, observer: str, keep_float: Iterable[str] = ()) -> Quantizer:
     """The PT2E quantizer of ``scheme``: the one place a scheme becomes a quantizer."""
-    quantizable = keep_float_filter(keep_float)
+    not_kept = keep_float_filter(keep_float)
+    if scheme.depthwise:
+        quantizable = not_kept
+    else:
+        def quantizable(node: Node) -> bool:
+            return not_kept(node) and not is_depthwise_conv(node)
     if scheme.quantizer == "xnnpack":
         return xnnpack_quantizer(scheme, observer, quantizable)
     return QDQQuantizer(scheme, observer, quantizable)

@@ -337,3 +337,29 @@ def test_bad_calibration_files_are_user_errors(tmp_path):
     save_file({"w": torch.zeros(2)}, str(foreign))
     with pytest.raises(UserError, match="is not an mf-edge calibration file"):
         load_record(foreign)
+
+
+class Depthwise(torch.nn.Module):
+    """A depthwise convolution between two pointwise ones (ConvFormer's SepConv, NCHW)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw1, self.pw2 = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 4, 1)
+        self.dw = torch.nn.Conv2d(8, 8, 5, padding=2, groups=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw2(torch.relu(self.dw(self.pw1(x))))
+
+
+@pytest.mark.parametrize(("target", "depthwise_int8"), [("executorch", False), ("onnx", True)])
+def test_executorch_int8_keeps_depthwise_convolutions_float(target, depthwise_int8):
+    torch.manual_seed(0)
+    model = Depthwise().eval()
+    images = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    converted = _quantized(capture(model, 8), images, target)
+    weights = [n for n in _nodes(converted, DEQUANTIZE_CHANNEL)]
+    assert len(weights) == (3 if depthwise_int8 else 2)  # pw1, pw2 (and dw)
+    depthwise = [n for n in _nodes(converted, torch.ops.aten.conv2d.default) if n.args[6:] == (8,)]
+    assert len(depthwise) == 1
+    assert (depthwise[0].args[1].target == DEQUANTIZE_CHANNEL) == depthwise_int8
+    assert scheme_for(target, "int8").describe()["depthwise_conv"] == ("int8" if depthwise_int8 else "float")
