@@ -28,6 +28,16 @@ def _console_not_quiet():
     set_quiet(False)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One PyTorch thread for the test: small models gain nothing from intra-op threads, and on a
+    shared 2-core machine two threads make eager PyTorch many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``.../cifar10`` with ``train/`` and ``test/`` ImageFolder trees, extracted once per session."""

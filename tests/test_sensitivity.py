@@ -26,13 +26,7 @@ from mf_edge.sensitivity import (
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One PyTorch thread: on a shared 2-core machine two threads make eager PyTorch many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

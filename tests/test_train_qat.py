@@ -27,13 +27,7 @@ MODEL = "poolformerv2_s12"
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny 32-pixel models gain nothing from intra-op threads; one avoids contention on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
