@@ -1,12 +1,12 @@
 """Post-training quantization end to end: real models, CIFAR-10 calibration, real runtimes.
 
-Random-weight models at 64 px calibrated on CIFAR-10 images. Parity of an int8 artifact against its
-PyTorch simulation is not bit-exact: a runtime's float rounding differs from PyTorch's, which flips
-an occasional int8 rounding, and in a deep network those flips re-draw part of the quantization
-noise (a 1e-7 relative perturbation of every op gives the same spread on the simulation itself;
-README, Quantization). So int8 checks are the pipeline's thresholds plus: mean cosine to the
-simulation >= 0.998 and nearer the simulation than the float model. Weight-only / dynamic ``w8`` has
-no such cascade: worst-sample cosine to the simulation >= 0.999.
+ConvFormer and CAFormer int8 run on weights trained for four epochs on 1,000 CIFAR-10 images at 32 px
+(about 35 s each, in a fixture): an int8 artifact's worst-image cosine to its PyTorch simulation must
+be >= 0.999. Not bit-exact: a runtime's float rounding differs from PyTorch's and flips an occasional
+int8 rounding. On random-init weights those flips re-draw part of the quantization noise (worst
+cosine 0.9989-0.9991 at 32-64 px; README, Quantization). Training gives the logits a signal that
+dwarfs it: worst 0.9996 or more here (after two epochs CAFormer's worst image was still 0.9966).
+Weight-only ``w8`` keeps random weights.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from mf_edge.errors import UserError
 from mf_edge.pipeline import convert, load_model, make_spec, prepare_for_target
 
 SIZE = 64
+TRAINED_SIZE = 32
 CALIB = 32
 QUANTIZE = torch.ops.quantized_decomposed.quantize_per_tensor.default
 
@@ -49,6 +50,32 @@ def parity_dir(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
+@pytest.fixture(scope="module")
+def trained_weights(cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``weights(name)``: a checkpoint of ``name`` trained 4 epochs on 100 images per class at 32 px
+    with ``mf_edge.train`` (images 20-119 of each class: not the calibration images)."""
+    from mf_edge.train.config import TrainConfig
+    from mf_edge.train.trainer import train
+
+    work = tmp_path_factory.mktemp("trained")
+    data = work / "data"
+    for class_dir in sorted((cifar10_root / "train").iterdir()):
+        (data / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[20:120]:
+            (data / class_dir.name / image.name).symlink_to(image.resolve())
+    checkpoints: dict[str, Path] = {}
+
+    def weights(name: str) -> Path:
+        if name not in checkpoints:
+            set_quiet(True)
+            config = TrainConfig(model=name, data=data, output=work / name, epochs=4, batch_size=32, lr=1e-3,
+                                 warmup_epochs=0.5, image_size=TRAINED_SIZE, workers=0)
+            checkpoints[name] = train(config).last_checkpoint
+        return checkpoints[name]
+
+    return weights
+
+
 @pytest.fixture(autouse=True)
 def quiet(tmp_path, monkeypatch):
     set_quiet(True)
@@ -57,22 +84,20 @@ def quiet(tmp_path, monkeypatch):
     set_quiet(False)
 
 
-def fp32_bytes(name: str) -> int:
+def fp32_bytes(name: str, weights: str | Path = "random", image_size: int = SIZE) -> int:
     """The parameter bytes of the fp32 model: the floor of any fp32 artifact's size."""
-    return sum(4 * p.numel() for p in load_model(name, "random", image_size=SIZE).parameters())
+    return sum(4 * p.numel() for p in load_model(name, weights, image_size=image_size).parameters())
 
 
 def check_quantized_parity(conversion, precision: str = "int8") -> None:
-    """The pipeline's thresholds passed; int8: nearer its simulation than the float model; w8: >= 0.999."""
+    """The pipeline's thresholds passed, and every image's cosine to the simulation is >= 0.999."""
     references = conversion.parity["references"]
     assert conversion.parity["status"] == "pass"
     simulated, float_ = references["simulated"]["metrics"], references["float"]["metrics"]
+    assert simulated["cosine"] >= 0.999, simulated
     assert simulated["top1_agreement"] >= 0.75
-    if precision == "int8":
-        assert simulated["cosine"] >= 0.99 and simulated["cosine_mean"] >= 0.998
+    if precision == "int8":  # the gap to float is quantization (w8's is below float noise)
         assert simulated["cosine_mean"] > float_["cosine_mean"]
-    else:
-        assert simulated["cosine"] >= 0.999
 
 
 def check_manifest(conversion, scheme: str, artifact_bytes_limit: float | None) -> dict:
@@ -88,14 +113,15 @@ def check_manifest(conversion, scheme: str, artifact_bytes_limit: float | None) 
 
 
 @pytest.mark.parametrize("name", ["convformer_s18", "caformer_s18"])
-def test_onnx_int8_qdq(name, calib_dir, parity_dir, tmp_path):
+def test_onnx_int8_qdq(name, trained_weights, calib_dir, parity_dir, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    result = convert(name, "onnx", "int8", weights="random", image_size=SIZE, images=parity_dir,
+    weights = trained_weights(name)
+    result = convert(name, "onnx", "int8", weights=weights, image_size=TRAINED_SIZE, images=parity_dir,
                      output=tmp_path / "out", ptq_options={"calib_data": calib_dir, "calib_size": CALIB})
     check_quantized_parity(result)
-    quantization = check_manifest(result, "qdq-w8a8", 0.30 * fp32_bytes(name))
+    quantization = check_manifest(result, "qdq-w8a8", 0.30 * fp32_bytes(name, weights, TRAINED_SIZE))
     assert quantization["observer"] == "mse" and quantization["calibration"]["classes"] == 10
     model = onnx.load(str(result.artifact))
     ops = collections.Counter(node.op_type for node in model.graph.node)
@@ -116,15 +142,18 @@ def test_onnx_int8_qdq(name, calib_dir, parity_dir, tmp_path):
 
 @pytest.mark.parametrize(("name", "precision"), [("convformer_s18", "int8"), ("caformer_s18", "int8"),
                                                  ("identityformer_s12", "w8")])
-def test_executorch_quantized_is_delegated_to_xnnpack(name, precision, calib_dir, parity_dir, tmp_path):
-    ptq = {"calib_data": calib_dir, "calib_size": CALIB} if precision == "int8" else {}
-    result = convert(name, "executorch", precision, weights="random", image_size=SIZE,
+def test_executorch_quantized_is_delegated_to_xnnpack(name, precision, trained_weights, calib_dir, parity_dir,
+                                                      tmp_path):
+    int8 = precision == "int8"
+    weights, size = (trained_weights(name), TRAINED_SIZE) if int8 else ("random", SIZE)
+    ptq = {"calib_data": calib_dir, "calib_size": CALIB} if int8 else {}
+    result = convert(name, "executorch", precision, weights=weights, image_size=size,
                      images=parity_dir, output=tmp_path / "out", ptq_options=ptq)
     check_quantized_parity(result, precision)
-    # int8: every conv and linear int8; w8 (dynamic int8 linears): the convolutions stay fp32
-    limit = 0.30 if precision == "int8" else 0.40
-    scheme = "xnnpack-w8a8" if precision == "int8" else "xnnpack-dynamic-w8"
-    check_manifest(result, scheme, limit * fp32_bytes(name))
+    # int8: every conv and linear int8 but depthwise; w8 (dynamic int8 linears): the convolutions stay fp32
+    limit = 0.30 if int8 else 0.40
+    scheme = "xnnpack-w8a8" if int8 else "xnnpack-dynamic-w8"
+    check_manifest(result, scheme, limit * fp32_bytes(name, weights, size))
     delegation = result.manifest["details"]["delegation"]
     assert not [op for op in delegation["non_delegated"] if "quantize" in op or "qparams" in op]
     assert delegation["coverage"] > 0.95
@@ -173,10 +202,11 @@ def test_coreml_quantized_packages_hold_quantized_ops(precision, calib_dir, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["w8", "int8"])
-def test_coreml_quantized_parity_in_the_reference_executor(precision, calib_dir, parity_dir, tmp_path):
+def test_coreml_quantized_parity_in_the_reference_executor(precision, trained_weights, calib_dir, parity_dir,
+                                                           tmp_path):
     ptq = {"calib_data": calib_dir, "calib_size": CALIB} if precision == "int8" else {}
-    result = convert("convformer_s18", "coreml", precision, weights="random", image_size=SIZE,
-                     images=parity_dir, output=tmp_path / "out", ptq_options=ptq)
+    result = convert("convformer_s18", "coreml", precision, weights=trained_weights("convformer_s18"),
+                     image_size=TRAINED_SIZE, images=parity_dir, output=tmp_path / "out", ptq_options=ptq)
     check_quantized_parity(result, precision)
 
 
