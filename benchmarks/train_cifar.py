@@ -28,6 +28,7 @@ from mf_edge.parity import reference_logits, runtime_logits
 from mf_edge.pipeline import convert
 from mf_edge.spec import ExportSpec
 from mf_edge.train import TrainConfig, train
+from mf_edge.train.checkpoint import read_qat_section
 
 
 def make_subset(root: Path, out: Path, train_per_class: int, val_per_class: int) -> Path:
@@ -58,8 +59,9 @@ def int8_accuracy(model_name: str, weights: Path, target: str, args: argparse.Na
                   batch: np.ndarray, labels: np.ndarray, calib_data: Path) -> tuple[float, dict]:
     """Convert ``weights`` to int8 for ``target`` (PTQ, or QAT's learned ranges) and measure top-1 there."""
     model = create_model(model_name, weights=weights, image_size=args.image_size)
+    ptq = None if read_qat_section(weights) else {"calib_data": calib_data, "calib_size": args.calib_size}
     conversion = convert(model, target, precision="int8", image_size=args.image_size, output=out, force=True,
-                         ptq_options={"calib_data": calib_data, "calib_size": args.calib_size})
+                         ptq_options=ptq)
     spec = ExportSpec.for_model(model.mf_edge_info, args.image_size, precision="int8",
                                 num_classes=model.num_classes)
     runtime = get_target(target).runtime(out, spec)

@@ -93,6 +93,18 @@ def test_qat_checkpoint_refuses_another_target(qat_run: TrainResult, tmp_path: P
                 output=tmp_path / "x")
 
 
+@pytest.mark.parametrize(("option", "flag"), [({"calib_data": "images"}, "--calib-data"),
+                                              ({"calibration": "calibration.safetensors"}, "--calibration"),
+                                              ({"observer": "mse"}, "--observer"),
+                                              ({"max_drop": 0.01}, "--max-drop"),
+                                              ({"keep_float": ("head",)}, "--keep-float")])
+def test_qat_checkpoint_refuses_calibration_options(qat_run: TrainResult, tmp_path: Path, option: dict,
+                                                    flag: str) -> None:
+    with pytest.raises(UserError, match=f"{flag}.* not apply to a QAT checkpoint.*drop {flag}"):
+        convert(MODEL, "executorch", "int8", weights=qat_run.last_checkpoint, image_size=SIZE,
+                output=tmp_path / "x", ptq_options=option)
+
+
 @pytest.mark.slow
 def test_qat_resume_continues_exactly(cifar10_small: Path, tmp_path: Path) -> None:
     common = {"model": MODEL, "data": cifar10_small, "image_size": SIZE, "batch_size": 16, "workers": 0,

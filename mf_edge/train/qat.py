@@ -329,7 +329,7 @@ def quantize_qat_checkpoint(
     """``quantize_for_export``'s result for a model whose weights are a QAT checkpoint, else ``None``.
 
     ``options`` are PTQ's ``QuantizeOptions``; the int8 program comes from the checkpoint's trained
-    graph and ranges, so no calibration source is needed (and ``--keep-float`` cannot apply).
+    graph and ranges, so no calibration runs; ``--keep-float`` and the calibration options are refused.
     """
     from mf_edge.calibration.quantize import QuantizedModel, convert_quantized
     from mf_edge.calibration.schemes import scheme_for
@@ -340,6 +340,13 @@ def quantize_qat_checkpoint(
     if options.keep_float:
         raise UserError("--keep-float does not apply to a QAT checkpoint (its layers were trained "
                         "quantized); drop --keep-float, or train again with the float weights.")
+    calibrating = [flag for flag, given in (("--calib-data", options.calib_data),
+                                            ("--calibration", options.calibration),
+                                            ("--observer", options.observer),
+                                            ("--max-drop", options.max_drop is not None)) if given]
+    if calibrating:
+        raise UserError(f"{', '.join(calibrating)} do(es) not apply to a QAT checkpoint (its ranges were "
+                        f"learned in training, no calibration runs); drop {', '.join(calibrating)}.")
     prepared, facts = restored
     with step(f"converting the QAT graph ({facts['scheme']})"):
         simulated = convert_quantized(prepared)
