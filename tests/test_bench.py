@@ -133,6 +133,27 @@ def test_published_artifacts_are_reused(bench_run) -> None:
     assert not reusable(folder, other_weights, SIZE, "executorch", "fp32", dynamic=True)
 
 
+def test_quantized_artifacts_are_reused_only_with_same_calibration_and_scheme(bench_run, tmp_path) -> None:
+    """An int8 folder made from other calibration images, or by an older scheme, is converted again."""
+    from mf_edge import create_model
+    from mf_edge.calibration.schemes import scheme_for
+
+    report, _, artifacts = bench_run
+    model = create_model("identityformer_s12", weights=report["weights"]["path"], image_size=SIZE)
+    published = artifacts / f"identityformer_s12-{SIZE}-executorch-fp32"
+    manifest = json.loads((published / "manifest.json").read_text())
+    manifest["spec"]["precision"] = "int8"
+    scheme = json.loads(json.dumps(scheme_for("executorch", "int8").describe()))
+    manifest["quantization"] = {"scheme": scheme, "options": {"calib_data": str(tmp_path / "calib")}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert reusable(tmp_path, model, SIZE, "executorch", "int8", True, tmp_path / "calib")
+    assert not reusable(tmp_path, model, SIZE, "executorch", "int8", True, tmp_path / "other")
+    assert not reusable(tmp_path, model, SIZE, "executorch", "int8", True, None)
+    manifest["quantization"]["scheme"] = {**scheme, "depthwise_conv": "int8"}  # made before a scheme change
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert not reusable(tmp_path, model, SIZE, "executorch", "int8", True, tmp_path / "calib")
+
+
 def test_plan_and_config_errors() -> None:
     from mf_edge.converters import get_target
 

@@ -145,8 +145,10 @@ def artifact_dir(config: BenchConfig, image_size: int, target: str, precision: s
     return root / f"{config.model}-{image_size}-{target}-{precision}"
 
 
-def reusable(output: Path, model, image_size: int, target: str, precision: str, dynamic: bool) -> bool:
-    """Whether ``output`` holds a published conversion of exactly this request."""
+def reusable(output: Path, model, image_size: int, target: str, precision: str, dynamic: bool,
+             calib_data: Path | None = None) -> bool:
+    """Whether ``output`` holds a published conversion of exactly this request (for int8/w8: the same
+    calibration images and today's quantization scheme)."""
     from mf_edge.manifest import read_manifest
 
     try:
@@ -159,7 +161,21 @@ def reusable(output: Path, model, image_size: int, target: str, precision: str, 
             and manifest.get("target") == target and spec.get("precision") == precision
             and spec.get("image_size") == image_size
             and bool(spec.get("dynamic_batch")) == dynamic and weights.get("sha256") == ours.get("sha256")
-            and weights.get("seed") == ours.get("seed"))
+            and weights.get("seed") == ours.get("seed")
+            and same_quantization(manifest.get("quantization"), target, precision, calib_data))
+
+
+def same_quantization(quantization: dict | None, target: str, precision: str,
+                      calib_data: Path | None) -> bool:
+    """A manifest's ``quantization`` was made from ``calib_data`` with the scheme ``target`` uses now."""
+    if quantization is None:
+        return precision not in ("int8", "w8")
+    from mf_edge.calibration.schemes import scheme_for
+
+    current = json.loads(json.dumps(scheme_for(target, precision).describe()))
+    recorded_images = (quantization.get("options") or {}).get("calib_data")
+    wanted_images = str(calib_data) if calib_data else None
+    return quantization.get("scheme") == current and recorded_images == wanted_images
 
 
 def size_mb(path: Path) -> float:
@@ -176,11 +192,11 @@ def make_artifact(config: BenchConfig, model, image_size: int, target: str, prec
     output = artifact_dir(config, image_size, target, precision)
     dynamic = target in DYNAMIC_BATCH_TARGETS
     runtime = RUNTIME_NAMES.get(target, target)
-    if not config.rebuild and reusable(output, model, image_size, target, precision, dynamic):
+    calib_data = config.calib_data or config.images if precision in ("int8", "w8") else None
+    if not config.rebuild and reusable(output, model, image_size, target, precision, dynamic, calib_data):
         note(f"reusing {output}")
     else:
-        ptq = ({"calib_data": config.calib_data or config.images}
-               if precision in ("int8", "w8") and (config.calib_data or config.images) else None)
+        ptq = {"calib_data": calib_data} if calib_data else None
         try:
             convert(model, target, precision, image_size=image_size, dynamic_batch=dynamic,
                     images=config.images, output=output, force=True, seed=config.seed, ptq_options=ptq)
