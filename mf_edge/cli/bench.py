@@ -13,6 +13,13 @@ from mf_edge.console import note, set_quiet
 TABLE_WIDTH = 150  # the bench table's columns need this much, even when the output is not a terminal
 
 
+def wide_console() -> Console:
+    """A console at least ``TABLE_WIDTH`` wide (tables stay whole when piped to a file)."""
+    console = Console()
+    console.width = max(console.width, TABLE_WIDTH)
+    return console
+
+
 def split_list(value: str | None) -> tuple[str, ...] | None:
     """``"a,b c"`` -> ``("a", "b", "c")``; ``None`` stays ``None``."""
     if value is None:
@@ -63,8 +70,7 @@ def bench_command(
     path = out or (artifacts or Path("mf-edge-out") / "bench") / f"{model}-{result['image_size']}.json"
     written = report.write_all(result, path)
     table, notes = report.table(result)
-    console = Console()
-    console.width = max(console.width, TABLE_WIDTH)
+    console = wide_console()
     console.print(table)
     for i, text in enumerate(notes, 1):
         console.print(f"[{i}] {text}", highlight=False, markup=False)
@@ -108,8 +114,7 @@ def sensitivity_command(
                              observer, layers or (), max_drop, metric, seed)
     path = out or Path("mf-edge-out") / "sensitivity" / f"{model}-{target}.json"
     write_json(result, path)
-    console = Console()
-    console.width = max(console.width, TABLE_WIDTH)
+    console = wide_console()
     table, lines = suggestion_table(result, top)
     console.print(table)
     for line in lines:
