@@ -34,6 +34,15 @@ CALIB = 32
 QUANTIZE = torch.ops.quantized_decomposed.quantize_per_tensor.default
 
 
+def link_images(source: Path, out: Path, images: slice, classes: int | None = None) -> Path:
+    """An ImageFolder at ``out`` of the sorted ``images`` slice of ``source``'s first ``classes`` classes."""
+    for class_dir in sorted(source.iterdir())[:classes]:
+        (out / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[images]:
+            (out / class_dir.name / image.name).symlink_to(image.resolve())
+    return out
+
+
 @pytest.fixture(scope="module")
 def calib_dir(cifar10_small: Path) -> Path:
     return cifar10_small / "train"
@@ -42,12 +51,7 @@ def calib_dir(cifar10_small: Path) -> Path:
 @pytest.fixture(scope="module")
 def parity_dir(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 labelled CIFAR-10 test images (3 classes x 4)."""
-    out = tmp_path_factory.mktemp("parity")
-    for class_dir in sorted((cifar10_small / "val").iterdir())[:3]:
-        (out / class_dir.name).mkdir()
-        for image in sorted(class_dir.iterdir())[:4]:
-            (out / class_dir.name / image.name).symlink_to(image.resolve())
-    return out
+    return link_images(cifar10_small / "val", tmp_path_factory.mktemp("parity"), slice(0, 4), classes=3)
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +62,7 @@ def trained_weights(cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory
     from mf_edge.train.trainer import train
 
     work = tmp_path_factory.mktemp("trained")
-    data = work / "data"
-    for class_dir in sorted((cifar10_root / "train").iterdir()):
-        (data / class_dir.name).mkdir(parents=True)
-        for image in sorted(class_dir.iterdir())[20:120]:
-            (data / class_dir.name / image.name).symlink_to(image.resolve())
+    data = link_images(cifar10_root / "train", work / "data", slice(20, 120))
     checkpoints: dict[str, Path] = {}
 
     def weights(name: str) -> Path:

@@ -28,6 +28,7 @@ from mf_edge.bench.measure import PYTORCH, latency_stats
 from mf_edge.console import note, step
 from mf_edge.converters import get_target
 from mf_edge.errors import UserError
+from mf_edge.pipeline import QUANTIZED_PRECISIONS
 
 DEFAULT_TARGETS = ("executorch", "onnx", "coreml", "tensorrt")
 # What each target is benchmarked in when --precisions is not given.
@@ -169,7 +170,7 @@ def same_quantization(quantization: dict | None, target: str, precision: str,
                       calib_data: Path | None) -> bool:
     """A manifest's ``quantization`` was made from ``calib_data`` with the scheme ``target`` uses now."""
     if quantization is None:
-        return precision not in ("int8", "w8")
+        return precision not in QUANTIZED_PRECISIONS
     from mf_edge.calibration.schemes import scheme_for
 
     current = json.loads(json.dumps(scheme_for(target, precision).describe()))
@@ -192,7 +193,7 @@ def make_artifact(config: BenchConfig, model, image_size: int, target: str, prec
     output = artifact_dir(config, image_size, target, precision)
     dynamic = target in DYNAMIC_BATCH_TARGETS
     runtime = RUNTIME_NAMES.get(target, target)
-    calib_data = config.calib_data or config.images if precision in ("int8", "w8") else None
+    calib_data = config.calib_data or config.images if precision in QUANTIZED_PRECISIONS else None
     if not config.rebuild and reusable(output, model, image_size, target, precision, dynamic, calib_data):
         note(f"reusing {output}")
     else:
