@@ -26,7 +26,7 @@ from mf_edge.cli import app, main
 from mf_edge.console import set_quiet
 from mf_edge.converters import get_target
 from mf_edge.errors import UserError
-from mf_edge.pipeline import convert, load_model, make_spec, prepare_for_target
+from mf_edge.pipeline import Conversion, convert, load_model, make_spec, prepare_for_target
 
 SIZE = 64
 TRAINED_SIZE = 32
@@ -138,6 +138,29 @@ def test_onnx_int8_qdq(name, trained_weights, calib_dir, parity_dir, tmp_path):
         if node.op_type in ("Conv", "MatMul", "Gemm"):
             feeding = [producers[name].op_type if name in producers else "input" for name in node.input[:2]]
             assert "DequantizeLinear" in feeding or "Transpose" in feeding, (node.name, feeding)
+
+
+def test_tensorrt_int8_is_a_qdq_onnx_checked_in_onnxruntime(trained_weights, calib_dir, parity_dir, tmp_path):
+    """Without TensorRT, the Q/DQ ONNX an engine is built from is the artifact; parity runs in onnxruntime."""
+    import onnx
+
+    from mf_edge.converters.tensorrt import tensorrt_unavailable_reason
+
+    weights = trained_weights("convformer_s18")
+    result = convert("convformer_s18", "tensorrt", "int8", weights=weights, image_size=TRAINED_SIZE,
+                     images=parity_dir, output=tmp_path / "out",
+                     ptq_options={"calib_data": calib_dir, "calib_size": CALIB})
+    check_manifest(result, "tensorrt-qdq-w8a8", 0.30 * fp32_bytes("convformer_s18", weights, TRAINED_SIZE))
+    plan = result.manifest["details"]["engine_plan"]
+    assert plan["precision"] == "int8" and plan["builder_flags"] == ["INT8", "FP16"]
+    if tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT is here: the engine's own parity is tested in test_tensorrt.py")
+    assert result.parity["status"] == "not run"
+    onnx_parity = result.parity["onnx"]
+    assert onnx_parity["runtime"] == "onnxruntime"
+    check_quantized_parity(Conversion(result.output, result.manifest, onnx_parity))
+    graph = onnx.load(str(result.output / "model.onnx")).graph
+    assert collections.Counter(node.op_type for node in graph.node)["QuantizeLinear"] > 50
 
 
 @pytest.mark.parametrize(("name", "precision"), [("convformer_s18", "int8"), ("caformer_s18", "int8"),
