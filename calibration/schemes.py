@@ -308,14 +308,25 @@ def is_depthwise_conv(node: Node) -> bool:
     return groups > 1 and weight is not None and weight.shape[1] == 1
 
 
+def has_trained_weight(node: Node) -> bool:
+    """False for a GEMM whose weight is a buffer, not a parameter: it computes statistics (the means of
+    ``xnnpack_layout.ChannelsFirstLayerNorm``), which stay float."""
+    if node.target not in GEMMS or len(node.args) < 2 or not isinstance(node.args[1], Node):
+        return True
+    weight = node.args[1]
+    if weight.op != "get_attr":
+        return True
+    buffers = dict(node.graph.owning_module.named_buffers())
+    return weight.target not in buffers
+
+
 def build_quantizer(scheme: Scheme, observer: str, keep_float: Iterable[str] = ()) -> Quantizer:
     """The PT2E quantizer of ``scheme``: the one place a scheme becomes a quantizer."""
     not_kept = keep_float_filter(keep_float)
-    if scheme.depthwise:
-        quantizable = not_kept
-    else:
-        def quantizable(node: Node) -> bool:
-            return not_kept(node) and not is_depthwise_conv(node)
+
+    def quantizable(node: Node) -> bool:
+        return (not_kept(node) and has_trained_weight(node)
+                and (scheme.depthwise or not is_depthwise_conv(node)))
     if scheme.quantizer == "xnnpack":
         return xnnpack_quantizer(scheme, observer, quantizable)
     return QDQQuantizer(scheme, observer, quantizable)

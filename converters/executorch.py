@@ -98,8 +98,12 @@ class ExecuTorchTarget:
     artifact = ARTIFACT
 
     def prepare(self, model: nn.Module, spec: ExportSpec) -> nn.Module:
-        """A copy of the float model whose every op XNNPACK delegates (before quantization)."""
-        return rewrite_for_xnnpack(model)
+        """A copy of the float model whose every op XNNPACK delegates (before quantization).
+
+        Its convolutional stages run channels-first, except for ``w8``, whose dynamic quantization
+        covers linears only (as 1x1 convolutions, the pointwise layers would stay float).
+        """
+        return rewrite_for_xnnpack(model, channels_first=spec.precision != "w8")
 
     def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

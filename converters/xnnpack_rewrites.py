@@ -28,6 +28,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
+from mf_edge.converters.xnnpack_layout import channels_first_stages
 from mf_edge.models.layers import Attention, LayerNormGeneral, LayerNormWithoutBias, RandomMixing
 
 
@@ -111,20 +112,26 @@ class GlobalPoolMetaFormer(nn.Module):
     """The MetaFormer forward with the final token mean as a channels-first global average pool.
 
     Holds the source model's submodules under the same names, so parameter names are unchanged.
+    ``channels_first_stages`` leading stages run channels-first (``xnnpack_layout``).
     """
 
-    def __init__(self, source: nn.Module) -> None:
+    def __init__(self, source: nn.Module, channels_first_stages: int = 0) -> None:
         super().__init__()
         self.downsample_layers, self.stages = source.downsample_layers, source.stages
+        self.channels_first_out = channels_first_stages == len(source.stages)
         self.norm, self.head = source.norm, source.head
         for attr in ("mf_edge_info", "mf_edge_weights", "mf_edge_rewrites", "num_classes"):
             if hasattr(source, attr):
                 setattr(self, attr, getattr(source, attr))
+        if channels_first_stages:
+            self.mf_edge_rewrites = {**getattr(source, "mf_edge_rewrites", {}),
+                                     "channels_first_stages": channels_first_stages}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
             x = stage(downsample(x))
-        pooled = x.permute(0, 3, 1, 2).mean((2, 3), keepdim=True).flatten(1)
+        channels_first = x if self.channels_first_out else x.permute(0, 3, 1, 2)
+        pooled = channels_first.mean((2, 3), keepdim=True).flatten(1)
         return self.head(self.norm(pooled))
 
 
@@ -144,16 +151,22 @@ def _replacement(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def rewrite_for_xnnpack(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose every op XNNPACK delegates; ``model`` itself is left untouched."""
+def rewrite_for_xnnpack(model: nn.Module, channels_first: bool = True) -> nn.Module:
+    """A copy of ``model`` whose every op XNNPACK delegates; ``model`` itself is left untouched.
+
+    ``channels_first`` also rewrites a MetaFormer's leading ``SepConv`` stages channels-first
+    (``xnnpack_layout.channels_first_stages``), so XNNPACK runs them without layout changes.
+    """
     rewritten = copy.deepcopy(model)
+    is_metaformer = hasattr(rewritten, "forward_features") and hasattr(rewritten, "downsample_layers")
+    stages = channels_first_stages(rewritten) if channels_first and is_metaformer else 0
     for name, module in list(rewritten.named_modules()):
         replacement = _replacement(module)
         if replacement is not None and name:
             parent_name, _, child = name.rpartition(".")
             setattr(rewritten.get_submodule(parent_name), child, replacement)
-    if hasattr(rewritten, "forward_features") and hasattr(rewritten, "downsample_layers"):
-        rewritten = GlobalPoolMetaFormer(rewritten)
+    if is_metaformer:
+        rewritten = GlobalPoolMetaFormer(rewritten, stages)
     return rewritten.eval()
 
 

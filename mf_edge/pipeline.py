@@ -105,7 +105,8 @@ def prepare_for_target(model: nn.Module, spec: ExportSpec, target: Target) -> nn
     rewritten = rewrite_for_deployment(model, target.name)  # exact folds (mf_edge.rewrites)
     prepare = getattr(target, "prepare", None)
     prepared = prepare(rewritten, spec) if prepare is not None else rewritten
-    prepared.mf_edge_rewrites = dict(getattr(rewritten, "mf_edge_rewrites", {}))  # type: ignore[attr-defined]
+    prepared.mf_edge_rewrites = {**getattr(rewritten, "mf_edge_rewrites", {}),  # type: ignore[attr-defined]
+                                 **getattr(prepared, "mf_edge_rewrites", {})}
     return prepared
 
 

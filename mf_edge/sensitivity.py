@@ -157,12 +157,12 @@ class QuantizedVariants:
         self._install_switches(model)
 
     def _install_switches(self, model: nn.Module | None) -> None:
-        from mf_edge.calibration.schemes import GEMMS, module_names
+        from mf_edge.calibration.schemes import GEMMS, has_trained_weight, module_names
 
         graph = self.module.graph
 
-        def layer(node) -> str | None:
-            if node.op == "call_function" and node.target in GEMMS:
+        def layer(node) -> str | None:  # a norm's statistics (a buffer weight) are no layer
+            if node.op == "call_function" and node.target in GEMMS and has_trained_weight(node):
                 names = module_names(node)
                 return layer_of(names[-1], model) if names else node.name
             return None

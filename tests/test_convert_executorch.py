@@ -72,6 +72,31 @@ def test_xnnpack_takes_every_operator(converted) -> None:
     assert delegation["delegated_ops"] > 100
 
 
+def xnnpack_events(pte: Path, tmp_path: Path) -> list[str]:
+    """The names of the XNNPACK operators one run of ``pte`` executes (its ETDump)."""
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings import portable_lib
+
+    program = portable_lib._load_for_executorch(str(pte), enable_etdump=True)
+    program.forward((torch.randn(1, 3, SIZE, SIZE),))
+    program.write_etdump_result_to_file(str(tmp_path / "run.etdp"))
+    events = Inspector(etdump_path=str(tmp_path / "run.etdp")).to_dataframe()["event_name"]
+    return [e.split(" #")[0] for e in events if " #" in e]
+
+
+def test_convformer_runs_without_layout_changes(conversions: dict[str, Conversion], tmp_path: Path) -> None:
+    """Channels-first stages: no transposes inside the network (channels-last: 4 per block, over 72).
+
+    The three left: the input image to NHWC, the stem norm's 4-D weight (a constant operand of a
+    multiply is converted at each run) and the pooled ``[1, C, 1, 1]`` features before the head.
+    """
+    result = conversions["convformer_s18"]
+    assert result.manifest["rewrites"]["channels_first_stages"] == 4
+    events = xnnpack_events(result.artifact, tmp_path)
+    assert events.count("Convolution (NHWC, F32) DWConv") == 3 * 18  # the split 7x7 of every block
+    assert events.count("Transpose (ND, X32)") == 3 and len(events) > 400
+
+
 def test_artifact_matches_rebuilt_float_model_on_new_inputs(converted, float_models) -> None:
     _, spec, target = load_published(converted.output)
     model = float_models[spec.model]

@@ -7,6 +7,9 @@ import torch
 from torch import nn
 
 from mf_edge import create_model
+from mf_edge.calibration.schemes import build_quantizer, scheme_for
+from mf_edge.converters import get_target
+from mf_edge.converters.xnnpack_layout import ChannelsFirstLayerNorm, ChannelsFirstSepConv, LayoutDownsampling
 from mf_edge.models.layers import LayerNormGeneral, LayerNormWithoutBias, Scale, StarReLU
 from mf_edge.rewrites import (
     TARGET_REWRITES,
@@ -16,6 +19,7 @@ from mf_edge.rewrites import (
     SplitDepthwiseConv,
     rewrite_for_deployment,
 )
+from mf_edge.spec import ExportSpec
 
 FAMILIES = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
 SIZE = 64
@@ -164,3 +168,52 @@ def test_xnnpack_norms_keep_their_statistics_out_of_int8_schemes() -> None:
         torch.testing.assert_close(norm(x), reference(x), rtol=1e-5, atol=1e-5)
         ops = {str(n.target) for n in torch.export.export(norm, (x,)).graph.nodes if n.op == "call_function"}
         assert not {op for op in ops if "linear" in op or "conv" in op}, ops
+
+
+# ---------------------------------------------------------------- channels-first stages (ExecuTorch)
+
+
+def prepared(name: str, precision: str = "fp32") -> nn.Module:
+    model = trained_like(name)
+    spec = ExportSpec.for_model(model.mf_edge_info, image_size=SIZE, precision=precision)
+    return get_target("executorch").prepare(rewrite_for_deployment(model, "executorch"), spec)
+
+
+@pytest.mark.parametrize(("name", "stages"), [("convformer_s18", 4), ("caformer_s18", 2),
+                                              ("poolformerv2_s12", 0), ("identityformer_s12", 0)])
+def test_leading_sepconv_stages_run_channels_first(name: str, stages: int) -> None:
+    model = prepared(name)
+    assert model.mf_edge_rewrites.get("channels_first_stages", 0) == stages
+    mixers = [type(stage[0].token_mixer) for stage in model.stages]
+    assert mixers[:stages] == [ChannelsFirstSepConv] * stages
+    assert ChannelsFirstSepConv not in mixers[stages:]
+    if stages:
+        fc1 = model.stages[0][0].mlp.fc1
+        assert isinstance(fc1, nn.Conv2d) and fc1.kernel_size == (1, 1)
+        assert isinstance(model.stages[0][0].norm1, ChannelsFirstLayerNorm)
+        downs = list(model.downsample_layers)
+        assert all(isinstance(d, LayoutDownsampling) for d in downs[:stages + 1])
+        # the one layout change: into channels-last after the last convolutional stage, if any follows
+        assert [d.permute_out for d in downs[:stages + 1]] == [False] * stages + [True] * (stages < 4)
+        assert not any(d.permute_in for d in downs[:stages + 1])
+
+
+def test_w8_keeps_the_channels_last_stages() -> None:
+    """w8's dynamic quantization covers linears only: its pointwise layers must stay linears."""
+    model = prepared("convformer_s18", precision="w8")
+    assert "channels_first_stages" not in model.mf_edge_rewrites
+    assert isinstance(model.stages[0][0].mlp.fc1, nn.Linear)
+
+
+def test_int8_scheme_keeps_the_channel_statistics_float() -> None:
+    """The norm's two means are 1x1 convolutions with a buffer weight: no observers on them."""
+    model = nn.Sequential(ChannelsFirstLayerNorm(16, 1e-6), nn.Conv2d(16, 8, 1, bias=False)).eval()
+    x = torch.randn(1, 16, 6, 6)
+    graph = torch.export.export(model, (x,)).module()
+    quantizer = build_quantizer(scheme_for("executorch", "int8"), "minmax")
+    graph = quantizer.annotate(quantizer.transform_for_annotation(graph))
+    convs = [n for n in graph.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    annotated = ["quantization_annotation" in n.meta for n in convs]
+    assert annotated == [False, False, True]  # mean, variance, the trained 1x1 convolution
+    torch.testing.assert_close(model[0](x), nn.functional.layer_norm(x.permute(0, 2, 3, 1), (16,), eps=1e-6)
+                               .permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5)

@@ -69,6 +69,7 @@ def test_switches_compute_what_ptq_computes(calibrated) -> None:
     assert np.array_equal(logits(variants.keeping_float([]), x), logits(pt2e(calibrated, ()), x))
     kept = (variants.layers[0], variants.layers[7], "stages.0.1.token_mixer.dwconv")
     assert "stages.0.1.token_mixer.dwconv" in variants.layers  # the three split parts are one layer
+    assert not [name for name in variants.layers if "norm" in name]  # a norm's mean convolutions are no layer
     np.testing.assert_array_equal(logits(variants.keeping_float(kept), x), logits(pt2e(calibrated, kept), x))
     assert np.array_equal(logits(variants.configure([], others=False), x), float_logits)
     only = variants.layers[3]
