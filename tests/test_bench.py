@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +122,7 @@ def test_csv_png_and_markdown(bench_run) -> None:
     assert table.count("\n| ") == len(report["rows"]) and "not runnable here [1]" in table
 
 
-def test_published_artifacts_are_reused(bench_run) -> None:
+def test_published_artifacts_are_reused(bench_run, tmp_path: Path) -> None:
     from mf_edge import create_model
 
     report, _, artifacts = bench_run
@@ -131,6 +132,13 @@ def test_published_artifacts_are_reused(bench_run) -> None:
     assert not reusable(folder, model, SIZE + 32, "executorch", "fp32", dynamic=True)
     other_weights = create_model("identityformer_s12", image_size=SIZE)
     assert not reusable(folder, other_weights, SIZE, "executorch", "fp32", dynamic=True)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["rewrites"]["split_depthwise"] == 0
+    manifest["rewrites"] = {k: v for k, v in manifest["rewrites"].items() if k != "xnnpack_norms"}
+    stale = tmp_path / "stale"  # converted by a version without one of today's rewrites
+    shutil.copytree(folder, stale)
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    assert not reusable(stale, model, SIZE, "executorch", "fp32", dynamic=True)
 
 
 def test_quantized_artifacts_are_reused_only_with_same_calibration_and_scheme(bench_run, tmp_path) -> None:

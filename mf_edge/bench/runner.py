@@ -148,8 +148,8 @@ def artifact_dir(config: BenchConfig, image_size: int, target: str, precision: s
 
 def reusable(output: Path, model, image_size: int, target: str, precision: str, dynamic: bool,
              calib_data: Path | None = None) -> bool:
-    """Whether ``output`` holds a published conversion of exactly this request (for int8/w8: the same
-    calibration images and today's quantization scheme)."""
+    """Whether ``output`` holds a published conversion of exactly this request, made with today's
+    deployment rewrites (and for int8/w8: the same calibration images and today's quantization scheme)."""
     from mf_edge.manifest import read_manifest
 
     try:
@@ -163,7 +163,18 @@ def reusable(output: Path, model, image_size: int, target: str, precision: str, 
             and spec.get("image_size") == image_size
             and bool(spec.get("dynamic_batch")) == dynamic and weights.get("sha256") == ours.get("sha256")
             and weights.get("seed") == ours.get("seed")
-            and same_quantization(manifest.get("quantization"), target, precision, calib_data))
+            and same_quantization(manifest.get("quantization"), target, precision, calib_data)
+            and manifest.get("rewrites") == todays_rewrites(model, image_size, target, precision, dynamic))
+
+
+def todays_rewrites(model, image_size: int, target: str, precision: str, dynamic: bool) -> dict:
+    """What ``convert`` would record as ``rewrites`` for this request with this version's code."""
+    from mf_edge.converters import get_target
+    from mf_edge.pipeline import make_spec, prepare_for_target
+
+    chosen = get_target(target)
+    spec = make_spec(model, chosen, precision, image_size=image_size, dynamic_batch=dynamic)
+    return json.loads(json.dumps(prepare_for_target(model, spec, chosen).mf_edge_rewrites))
 
 
 def same_quantization(quantization: dict | None, target: str, precision: str,
