@@ -324,14 +324,11 @@ def keep_float_for_budget(graph: GraphModule, spec, scheme, observer: str, stats
 
 
 def prepare_for_target(model: nn.Module, spec, target: str) -> nn.Module:
-    """The float model as the pipeline hands it to PTQ: deployment rewrites, then the target's ``prepare``."""
+    """The float model as the pipeline hands it to PTQ (``pipeline.prepare_for_target``), by target name."""
     from mf_edge.converters import get_target
-    from mf_edge.rewrites import rewrite_for_deployment
+    from mf_edge.pipeline import prepare_for_target as prepare
 
-    chosen = get_target(target)
-    rewritten = rewrite_for_deployment(model, chosen.name)
-    prepare = getattr(chosen, "prepare", None)
-    return prepare(rewritten, spec) if prepare is not None else rewritten
+    return prepare(model, spec, get_target(target))
 
 
 def split_images(calib, eval_size: int):
