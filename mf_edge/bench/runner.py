@@ -28,7 +28,7 @@ from mf_edge.bench.measure import PYTORCH, latency_stats
 from mf_edge.console import note, step
 from mf_edge.converters import get_target
 from mf_edge.errors import UserError
-from mf_edge.pipeline import QUANTIZED_PRECISIONS
+from mf_edge.pipeline import QUANTIZED_PRECISIONS, make_spec, prepare_for_target
 
 DEFAULT_TARGETS = ("executorch", "onnx", "coreml", "tensorrt")
 # What each target is benchmarked in when --precisions is not given.
@@ -169,9 +169,6 @@ def reusable(output: Path, model, image_size: int, target: str, precision: str, 
 
 def todays_rewrites(model, image_size: int, target: str, precision: str, dynamic: bool) -> dict:
     """What ``convert`` would record as ``rewrites`` for this request with this version's code."""
-    from mf_edge.converters import get_target
-    from mf_edge.pipeline import make_spec, prepare_for_target
-
     chosen = get_target(target)
     spec = make_spec(model, chosen, precision, image_size=image_size, dynamic_batch=dynamic)
     return json.loads(json.dumps(prepare_for_target(model, spec, chosen).mf_edge_rewrites))
