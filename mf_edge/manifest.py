@@ -7,10 +7,13 @@ standalone ``apps/classify`` demo read the model, weights, spec and preprocessin
 from __future__ import annotations
 
 import json
+import math
 import platform
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 from mf_edge.errors import UserError
 from mf_edge.spec import ExportSpec, Preprocessing
@@ -91,8 +94,37 @@ def parity_summary(report: dict) -> dict:
     return summary
 
 
+NON_FINITE = "non_finite"
+
+
+def strict_json(data: dict, indent: int | None = 2) -> str:
+    """``data`` as strict JSON (RFC 8259 has no NaN/Infinity): a non-finite number becomes ``null``,
+    and the top-level ``non_finite`` entry names each such field and why it is null."""
+    replaced: list[str] = []
+    clean = _finite(data, "", replaced)
+    if replaced:
+        clean[NON_FINITE] = {"reason": "these numbers were NaN or infinite, which JSON cannot hold; written "
+                                       "as null", "fields": replaced}
+    return json.dumps(clean, indent=indent, default=str, allow_nan=False)
+
+
+def _finite(value, where: str, replaced: list[str]):
+    if isinstance(value, dict):
+        return {key: _finite(item, f"{where}.{key}" if where else str(key), replaced)
+                for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item, f"{where}[{i}]", replaced) for i, item in enumerate(value)]
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        replaced.append(f"{where} ({value})")
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    """Write ``data`` to ``path`` as strict JSON (see ``strict_json``)."""
+    path.write_text(strict_json(data) + "\n")
 
 
 def read_manifest(out_dir: str | Path) -> dict:

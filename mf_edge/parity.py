@@ -8,6 +8,8 @@ is the ``parity.json`` report; ``raise_on_failure`` turns a failing report into 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -34,33 +36,73 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """Metrics of ``candidate`` logits against ``reference`` logits (both ``[N, classes]``).
 
     ``cosine`` is the worst per-sample cosine similarity, ``top1_agreement`` the share of samples
-    with the same argmax, ``top5_overlap`` the mean share of shared top-5 classes.
+    with the same argmax, ``top5_overlap`` the mean share of shared top-5 classes. ``nonfinite``
+    counts the NaN/inf values of each side: with any, every metric is ``None`` (no number computed
+    from a NaN means anything, and ``NaN < threshold`` is never true), and ``failures`` fails it.
     """
     ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
     cand = np.asarray(candidate, dtype=np.float64).reshape(len(candidate), -1)
     if ref.shape != cand.shape:
         raise ValueError(f"logit shapes differ: reference {ref.shape}, candidate {cand.shape}")
+    nonfinite = {"reference": int((~np.isfinite(ref)).sum()), "candidate": int((~np.isfinite(cand)).sum()),
+                 "values": int(ref.size)}
+    metrics: dict = dict.fromkeys(METRICS)
+    if not (nonfinite["reference"] or nonfinite["candidate"]):
+        metrics = _finite_metrics(ref, cand)
+    # a finite input can still overflow a metric (float64 range): such a metric is None, and fails
+    metrics = {name: value if value is None or math.isfinite(value) else None
+               for name, value in metrics.items()}
+    return metrics | {"samples": int(ref.shape[0]), "nonfinite": nonfinite}
+
+
+METRICS = ("max_abs_error", "mean_abs_error", "cosine", "cosine_mean", "top1_agreement", "top5_overlap")
+
+
+def _finite_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     error = np.abs(ref - cand)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    cosine = np.where(norms > 0, (ref * cand).sum(1) / np.maximum(norms, 1e-300), 1.0)
     k = min(5, ref.shape[1])
     top_ref, top_cand = np.argsort(-ref, axis=1)[:, :k], np.argsort(-cand, axis=1)[:, :k]
     overlap = [len(set(a) & set(b)) / k for a, b in zip(top_ref, top_cand, strict=True)]
-    return {
-        "max_abs_error": float(error.max()),
-        "mean_abs_error": float(error.mean()),
-        "cosine": float(cosine.min()),
-        "cosine_mean": float(cosine.mean()),
-        "top1_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),
-        "top5_overlap": float(np.mean(overlap)),
-        "samples": int(ref.shape[0]),
-    }
+    cosine = _cosine(ref, cand)
+    return {"max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),
+            "cosine": float(cosine.min()), "cosine_mean": float(cosine.mean()),
+            "top1_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),
+            "top5_overlap": float(np.mean(overlap))}
 
 
-def failures(metrics: dict, thresholds: dict[str, float]) -> list[str]:
-    """The thresholds ``metrics`` misses, as readable lines (empty when it passes)."""
-    return [f"{name} {metrics[name]:.6f} < {minimum}" for name, minimum in thresholds.items()
-            if metrics[name] < minimum]
+def _cosine(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Per-row cosine similarity of finite rows, scaled first so that huge logits cannot overflow.
+
+    Two all-zero rows are identical (1.0); an all-zero row against a non-zero one shares nothing (0.0).
+    """
+    def unit(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scale = np.abs(rows).max(1, keepdims=True)
+        scaled = rows / np.where(scale > 0, scale, 1.0)
+        norm = np.linalg.norm(scaled, axis=1, keepdims=True)
+        return scaled / np.where(norm > 0, norm, 1.0), norm[:, 0] > 0
+
+    ref_unit, ref_nonzero = unit(ref)
+    cand_unit, cand_nonzero = unit(cand)
+    cosine = np.clip((ref_unit * cand_unit).sum(1), -1.0, 1.0)
+    return np.where(ref_nonzero & cand_nonzero, cosine, np.where(ref_nonzero | cand_nonzero, 0.0, 1.0))
+
+
+def failures(metrics: dict, thresholds: dict[str, float], reference: str = "reference") -> list[str]:
+    """What fails in ``metrics``, as readable lines (empty when it passes).
+
+    Non-finite logits on either side fail whatever the thresholds (also a reference reported only);
+    so does a metric that could not be computed.
+    """
+    nonfinite = metrics.get("nonfinite", {})
+    missed = [f"{count} of {nonfinite['values']} {side} logits are NaN/inf"
+              for side, count in ((f"{reference} reference", nonfinite.get("reference", 0)),
+                                  ("artifact", nonfinite.get("candidate", 0))) if count]
+    if missed:
+        return missed
+    missed += [f"{name} is not a finite number" for name in METRICS
+               if name in metrics and metrics[name] is None]
+    return missed + [f"{name} {metrics[name]:.6f} < {minimum}" for name, minimum in thresholds.items()
+                     if metrics.get(name) is not None and not metrics[name] >= minimum]
 
 
 def reference_logits(model: nn.Module, batch: np.ndarray, chunk: int = 16) -> np.ndarray:
@@ -102,16 +144,24 @@ def evaluate(runtime: Runtime, inputs: ParityInputs, references: dict[str, np.nd
     for name, logits in references.items():
         metrics = compare(logits, candidate)
         thresholds = limits.get(name, {})
-        missed = failures(metrics, thresholds)
+        missed = failures(metrics, thresholds, name)
         results[name] = {"metrics": metrics, "thresholds": thresholds, "enforced": bool(thresholds),
                          "passed": not missed, "failures": missed}
     enforced = [r for r in results.values() if r["enforced"]]
-    status = PASS if enforced and all(r["passed"] for r in enforced) else FAIL
+    nonfinite = any(_has_nonfinite(r["metrics"]) for r in results.values())
+    status = PASS if enforced and all(r["passed"] for r in enforced) and not nonfinite else FAIL
     reason = None if status == PASS else (
         "; ".join(f"vs {n}: {', '.join(r['failures'])}" for n, r in results.items() if r["failures"])
         or f"no enforced reference for precision {precision}")
     return {"status": status, "reason": reason, "precision": precision, "runtime": runtime.name,
             "inputs": inputs.describe(), "references": results}
+
+
+def _has_nonfinite(metrics: dict) -> bool:
+    """NaN/inf logits on either side, or a metric that could not be computed (enforced or not)."""
+    counts = metrics.get("nonfinite", {})
+    return bool(counts.get("reference") or counts.get("candidate")) or any(
+        name in metrics and metrics[name] is None for name in METRICS)
 
 
 def not_run(reason: str, precision: str, inputs: ParityInputs | None = None) -> dict:
@@ -125,15 +175,28 @@ def summary(report: dict) -> str:
     if report["status"] == NOT_RUN:
         onnx = f" (its ONNX in onnxruntime: {summary(report['onnx'])})" if "onnx" in report else ""
         return f"parity not run: {report['reason']}{onnx}"
-    parts = [f"vs {name}: cosine {r['metrics']['cosine']:.6f}, top-1 {r['metrics']['top1_agreement']:.0%}, "
-             f"max abs err {r['metrics']['max_abs_error']:.2e}" for name, r in report["references"].items()]
+    parts = [f"vs {name}: cosine {number(m['cosine'], '.6f')}, top-1 {number(m['top1_agreement'], '.0%')}, "
+             f"max abs err {number(m['max_abs_error'], '.2e')}"
+             for name, m in ((name, r["metrics"]) for name, r in report["references"].items())]
     return f"parity {report['status']} ({'; '.join(parts)})"
 
 
-def raise_on_failure(report: dict, artifact: str) -> None:
-    """Raise ``ParityFailure`` with the numbers when ``report`` failed."""
+def number(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``; a metric that could not be computed (``None``) reads ``n/a``."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def failed(report: dict) -> bool:
+    """Whether ``report`` (or the ONNX check standing in for it) failed."""
+    return report["status"] == FAIL or report.get("onnx", {}).get("status") == FAIL
+
+
+def raise_on_failure(report: dict, artifact: str, where: str = "the metrics are printed above") -> None:
+    """Raise ``ParityFailure`` with the numbers when ``report`` failed; ``where`` says where the full
+    report can be read (and what became of the artifact)."""
     if report.get("onnx", {}).get("status") == FAIL:
-        raise_on_failure(report["onnx"], f"{artifact} (its ONNX)")
+        raise_on_failure(report["onnx"], f"{artifact} (its ONNX)", where)
     if report["status"] == FAIL:
         raise ParityFailure(f"{artifact} does not match its reference: {report['reason']} "
-                            f"({summary(report)}); see parity.json, or report the model/target/precision.")
+                            f"({summary(report)}); {where}. Report the model/target/precision if the "
+                            "weights are sound.")

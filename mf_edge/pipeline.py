@@ -13,6 +13,7 @@ Each step is one function, so ``convert`` and the commands that enter the path e
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,20 @@ def publish(staging: Path, model: nn.Module, spec: ExportSpec, target: Target, r
     return manifest
 
 
+def failed_report_path(output: Path) -> Path:
+    """Where a conversion that failed parity leaves its report: ``<output>.parity-failed.json`` beside it."""
+    return output.with_name(f"{output.name}.parity-failed.json")
+
+
+def keep_failed_report(output: Path, report: dict) -> Path:
+    """Write the report of a failed parity check beside ``output`` (atomically), for the user to read."""
+    path = failed_report_path(output)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    write_json(partial, report)
+    os.replace(partial, path)
+    return path
+
+
 def default_output(spec: ExportSpec, target: Target) -> Path:
     """``./mf-edge-out/<model>-<target>-<precision>``."""
     return DEFAULT_OUTPUT_ROOT / f"{spec.model}-{target.name}-{spec.precision}"
@@ -234,8 +249,12 @@ def convert(
         quantized = quantize(float_model, spec, chosen, ptq_options)
         result = export(chosen, quantized.module, spec, staging)
         report = verify(chosen, staging, spec, quantized.references, inputs)
-        parity_lib.raise_on_failure(report, f"{spec.model} ({chosen.name}, {spec.precision})")
+        if parity_lib.failed(report):
+            kept = keep_failed_report(destination, report)
+            parity_lib.raise_on_failure(report, f"{spec.model} ({chosen.name}, {spec.precision})",
+                                        f"nothing was published; the full report is in {kept}")
         manifest = publish(staging, float_model, spec, chosen, result, report, quantized)
+    failed_report_path(destination).unlink(missing_ok=True)  # an earlier attempt's, now outdated
     note(parity_lib.summary(report))
     note(f"wrote {destination}")
     return Conversion(destination, manifest, report)

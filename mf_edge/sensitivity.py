@@ -98,7 +98,12 @@ def drop_of(reference: np.ndarray, candidate: np.ndarray, metric: str = "top1") 
     if metric not in DROP_METRICS:
         raise UserError(f"unknown drop metric {metric!r}; choose one of {', '.join(DROP_METRICS)}.")
     metrics = compare(reference, candidate)
-    return 1.0 - (metrics["top1_agreement"] if metric == "top1" else metrics["cosine_mean"])
+    return 1.0 - _or_worst(metrics["top1_agreement"] if metric == "top1" else metrics["cosine_mean"])
+
+
+def _or_worst(value: float | None) -> float:
+    """A similarity metric, or 0.0 (nothing shared) where NaN/inf logits left it uncomputed (``None``)."""
+    return 0.0 if value is None else value
 
 
 def logits(module: nn.Module, images: torch.Tensor, batch: int = EVAL_BATCH) -> np.ndarray:
@@ -217,8 +222,8 @@ def layer_sensitivity(variants: QuantizedVariants, layers: list[str], images: to
     for layer in track(layers, "layer sensitivity", total=len(layers)):
         candidate = logits(variants.only(layer), images)
         metrics = compare(reference, candidate)
-        effects.append(LayerEffect(layer, sqnr_db(reference, candidate), metrics["cosine_mean"],
-                                   metrics["top1_agreement"]))
+        effects.append(LayerEffect(layer, sqnr_db(reference, candidate), _or_worst(metrics["cosine_mean"]),
+                                   _or_worst(metrics["top1_agreement"])))
     return sorted(effects, key=lambda effect: effect.sqnr_db)
 
 

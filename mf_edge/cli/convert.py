@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -103,14 +102,17 @@ def convert_command(
 
 
 def _parity_table(report: dict) -> Table:
+    from mf_edge.parity import number
+
     table = Table(title=f"parity: {report['status']} ({report['runtime']}, {report['precision']}, "
                         f"{report['inputs']['count']} images)")
     for column in ("reference", "cosine (min)", "top-1", "top-5", "max abs err", "mean abs err", "enforced"):
         table.add_column(column, justify="left" if column == "reference" else "right")
     for name, result in report["references"].items():
         m = result["metrics"]
-        table.add_row(name, f"{m['cosine']:.6f}", f"{m['top1_agreement']:.1%}", f"{m['top5_overlap']:.1%}",
-                      f"{m['max_abs_error']:.3e}", f"{m['mean_abs_error']:.3e}",
+        table.add_row(name, number(m["cosine"], ".6f"), number(m["top1_agreement"], ".1%"),
+                      number(m["top5_overlap"], ".1%"), number(m["max_abs_error"], ".3e"),
+                      number(m["mean_abs_error"], ".3e"),
                       ("pass" if result["passed"] else "FAIL") if result["enforced"] else "-")
     return table
 
@@ -124,13 +126,14 @@ def parity_command(
 ) -> None:
     """Re-run the parity check of an existing artifact against the float model it was made from."""
     from mf_edge import parity as parity_lib
+    from mf_edge.manifest import strict_json
     from mf_edge.pipeline import recheck
 
     set_quiet(quiet)
     report = recheck(output_dir, images)
     console = Console()
     if as_json:
-        console.print_json(json.dumps(report, default=str))
+        console.print_json(strict_json(report))
     elif report["status"] == parity_lib.NOT_RUN:
         console.print(parity_lib.summary(report), highlight=False)
     else:
