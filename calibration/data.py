@@ -28,6 +28,7 @@ import torch
 from mf_edge.console import note, track
 from mf_edge.data import IMAGE_SUFFIXES, eval_transform, load_image
 from mf_edge.errors import UserError
+from mf_edge.paths import not_a_file
 from mf_edge.spec import Preprocessing
 
 DEFAULT_CALIB_SIZE = 256
@@ -76,7 +77,8 @@ def _list_source(source: Path) -> _Listing:
     if source.is_file():
         return _list_text_file(source)
     if not source.is_dir():
-        raise UserError(f"calibration source {source} does not exist; pass an image folder or a text file "
+        problem = not_a_file(source) or "is not a folder"
+        raise UserError(f"calibration source {source} {problem}; pass an image folder or a text file "
                         "of image paths to --calib-data.")
     files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -102,8 +104,9 @@ def _list_text_file(source: Path) -> _Listing:
         if not entry:
             continue
         path = Path(entry) if Path(entry).is_absolute() else source.parent / entry
-        if not path.is_file():
-            raise UserError(f"{source}:{number}: {entry} does not exist; fix the path or remove the line.")
+        problem = not_a_file(path)
+        if problem:
+            raise UserError(f"{source}:{number}: {entry} {problem}; fix the path or remove the line.")
         if path.suffix.lower() in IMAGE_SUFFIXES:
             paths.append(path)
         else:

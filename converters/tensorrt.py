@@ -28,6 +28,7 @@ from torch import nn
 from mf_edge.console import note, step
 from mf_edge.converters.base import ExportResult, Runtime
 from mf_edge.errors import RuntimeUnavailable, UserError
+from mf_edge.paths import not_a_file
 from mf_edge.spec import ExportSpec
 
 ENGINE_FILE = "model.engine"
@@ -86,9 +87,12 @@ def read_onnx_input(path: Path) -> OnnxInput:
     import onnx
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass the model.onnx written by `mf-edge convert --target "
-                        "tensorrt`.")
+    problem = not_a_file(path)
+    if problem:
+        inside = path / "model.onnx"
+        fix = f"pass {inside}" if inside.is_file() else \
+            "pass the model.onnx written by `mf-edge convert --target tensorrt`"
+        raise UserError(f"{path} {problem}; {fix}.")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
@@ -254,8 +258,9 @@ class TensorRTRuntime:
         trt = require_tensorrt()
         require_cuda()
         engine_path = Path(engine_path)
-        if not engine_path.is_file():
-            raise UserError(f"{engine_path} does not exist; build it with `mf-edge engine build model.onnx`.")
+        problem = not_a_file(engine_path)
+        if problem:
+            raise UserError(f"{engine_path} {problem}; build it with `mf-edge engine build model.onnx`.")
         self._trt = trt
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # must outlive the engine
         self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from mf_edge.errors import UserError
+from mf_edge.paths import not_a_file
 from mf_edge.spec import ExportSpec, Preprocessing
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -37,22 +38,46 @@ def eval_transform(prep: Preprocessing) -> v2.Compose:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open ``path`` as an RGB PIL image; an unreadable file raises ``UserError``."""
+    """Open ``path`` as an 8-bit RGB PIL image; an unreadable file raises ``UserError``.
+
+    16-bit images (``I;16`` PNG/TIFF) are scaled to 8 bits, not clipped to white. An image over
+    Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``, a decompression-bomb guard) is refused before
+    it is decoded.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image {path} does not exist; pass an existing image file.")
+    problem = not_a_file(path)
+    if problem:
+        raise UserError(f"image {path} {problem}; pass an existing image file.")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"cannot read image {path} ({exc}); pass a JPEG or PNG file.") from None
+            return to_rgb8(image)
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"image {path} is refused as a possible decompression bomb ({exc}); pass a "
+                        "smaller image.") from None
+    except Exception as exc:  # a damaged file can fail in any way (OSError, ValueError, SyntaxError...)
+        raise UserError(f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:120]}); pass a JPEG or "
+                        "PNG file.") from None
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB; 16-bit grey levels (``I;16*``, and ``I`` as PNG decodes them) are scaled
+    by 255/65535, where ``convert("RGB")`` would clip everything above 255 to white."""
+    if image.mode in SIXTEEN_BIT:
+        levels = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.rint(levels * (255 / 65535)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return image.convert("RGB")
 
 
 def find_images(root: str | Path) -> list[tuple[Path, str | None]]:
     """Image files under ``root`` with their label: the class folder name (ImageFolder) or ``None``."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist; pass a folder of images to --images.")
+        problem = not_a_file(root) or "is a file, not a folder"
+        raise UserError(f"image folder {root} {problem}; pass a folder of images to --images.")
     found = []
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:

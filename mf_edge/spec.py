@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from mf_edge.errors import UserError
+from mf_edge.models.factory import check_image_size
 from mf_edge.models.zoo import ModelInfo
 
 PRECISIONS = ("fp32", "fp16", "int8", "w8")
@@ -52,12 +53,9 @@ class ExportSpec:
         num_classes: int | None = None,
         **options,
     ) -> ExportSpec:
-        size = image_size or info.image_size
-        if size <= 0 or size % 32:
-            raise UserError(f"image size {size} is not a positive multiple of 32 (MetaFormer downsamples "
-                            "by 32); pass e.g. --image-size 224.")
         if batch_size <= 0:
             raise UserError(f"batch size must be at least 1, got {batch_size}.")
+        size = check_image_size(info.image_size if image_size is None else image_size, batch_size)
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
         prep = Preprocessing(size, info.crop_pct, info.interpolation, info.mean, info.std)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +22,7 @@ from mf_edge.console import note
 from mf_edge.errors import UserError
 from mf_edge.layouts import detect_layout, official_to_timm, timm_to_official
 from mf_edge.models.zoo import ModelInfo
+from mf_edge.paths import not_a_file
 
 StateDict = dict[str, torch.Tensor]
 
@@ -74,29 +76,54 @@ def download_official(info: ModelInfo) -> Path:
     )
 
 
+WEIGHTS_FIX = "download it again or pass another file to --weights"
+
+
 def read_state_dict(path: str | Path) -> StateDict:
     """Read a ``.safetensors`` or ``.pth`` checkpoint, unwrapping ``model`` / ``state_dict`` wrappers."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist; pass an existing file to --weights.")
-    if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder; pass the checkpoint file itself to --weights.")
-    try:
-        if path.suffix == ".safetensors":
+    problem = not_a_file(path)
+    if problem:
+        raise UserError(f"checkpoint {path} {problem}; pass an existing file to --weights.")
+    if path.suffix == ".safetensors":
+        try:
             obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged pickle can fail in any way (KeyError, struct.error, ...)
-        raise UserError(
-            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:120]}); "
-            "download it again or pass another file to --weights."
-        ) from None
+        except Exception as exc:  # SafetensorError, OSError, ...
+            raise _corrupt(path, exc, WEIGHTS_FIX) from None
+    else:
+        obj = load_weights_only(path, WEIGHTS_FIX)
     for key in ("model", "state_dict", "model_state", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"checkpoint {path} holds no state dict of tensors; is it a MetaFormer checkpoint?")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights_only(path: Path, fix: str) -> object:
+    """``torch.load(path, weights_only=True)``; any failure is a ``UserError`` ending with ``fix``.
+
+    A pickle that asks to call a function (``__reduce__``: it could run any code) is refused by
+    PyTorch's weights-only unpickler before anything runs; the message says so, not "corrupt".
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        called = re.search(r"GLOBAL ([\w.]+)", str(exc))  # the refused call; garbage fails otherwise
+        if called:
+            raise UserError(
+                f"checkpoint {path} is not a weights-only checkpoint: unpickling it would call "
+                f"{called.group(1)} (code it could run), so it was "
+                "refused for safety and never unpickled; save only the tensors "
+                "(torch.save(model.state_dict(), path), or .safetensors) and pass that file.") from None
+        raise _corrupt(path, exc, fix) from None
+    except Exception as exc:  # a damaged pickle can fail in any way (KeyError, struct.error, ...)
+        raise _corrupt(path, exc, fix) from None
+
+
+def _corrupt(path: Path, exc: Exception, fix: str) -> UserError:
+    return UserError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:120]}); "
+                     f"{fix}.")
 
 
 def to_official_layout(state_dict: StateDict) -> StateDict:

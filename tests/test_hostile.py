@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +187,209 @@ def test_parity_command_fails_an_artifact_gone_nonfinite(tmp_path: Path,
     assert code == 4
     report = json.loads(out_text, parse_constant=lambda token: pytest.fail(f"non-JSON token {token}"))
     assert report["references"]["float"]["metrics"]["cosine"] is None
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` (8-bit grey) with almost no pixel data: what a
+    decompression bomb looks like to the decoder before it inflates anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def photos(folder: Path, count: int = 2) -> Path:
+    """``count`` small noise JPEGs in ``folder``."""
+    from mf_edge.data import noise_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in noise_images(count, 48):
+        image.save(folder / f"{name.replace(':', '-')}.jpg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A published ONNX folder of ``MODEL`` (random weights, ``SIZE`` px)."""
+    out = tmp_path_factory.mktemp("hostile") / "published"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", MODEL, "--target", "onnx", "--weights", "random", "--image-size", SIZE,
+              "--output", str(out), "--quiet"])
+    assert exit_info.value.code in (0, None)
+    return out
+
+
+def test_decompression_bomb_is_one_error_line(published: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """Regression: a 20000x20000 PNG in ``predict`` or ``--images`` gave a raw DecompressionBombError
+    traceback; now one error line names the file."""
+    (tmp_path / "images").mkdir()
+    bomb = png_header(tmp_path / "images" / "bomb.png", 20000, 20000)
+    code, _, err = run(["predict", str(published), str(bomb)], capsys)
+    message = one_error_line(err)
+    assert code == 2 and f"image {bomb} is refused as a possible decompression bomb" in message
+    code, _, err = run(["convert", MODEL, "--target", "onnx", "--weights", "random", "--image-size", SIZE,
+                        "--images", str(bomb.parent), "--output", str(tmp_path / "out")], capsys)
+    message = one_error_line(err)
+    assert code == 2 and f"image {bomb} is refused as a possible decompression bomb" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_decompression_bomb_in_calibration_is_skipped_and_counted(tmp_path: Path) -> None:
+    """Calibration skips undecodable files and counts them (as the README promises); a bomb is one."""
+    from mf_edge.calibration.data import load_calibration_set
+    from mf_edge.spec import Preprocessing
+
+    folder = photos(tmp_path / "calib", 3)
+    png_header(folder / "bomb.png", 20000, 20000)
+    prep = Preprocessing(32, 1.0, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    calib = load_calibration_set(folder, prep, calib_size=8, use_cache=False)
+    assert calib.count == 3 and "bomb.png" not in " ".join(calib.files)
+    assert any("1 unreadable image(s)" in line for line in calib.notes)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    """Regression: ``convert("RGB")`` clipped 16-bit grey (mode I;16) to white above level 255."""
+    from PIL import Image
+
+    from mf_edge.data import load_image
+
+    levels = np.array([[0, 257, 1000], [32896, 65535, 60000]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(levels).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb = np.asarray(load_image(path))
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3)
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(levels / 257).astype(np.uint8))
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
+@pytest.mark.parametrize(("size", "message"), [
+    ("0", "image size 0 is not a positive multiple of 32"),
+    ("-32", "image size -32 is not a positive multiple of 32"),
+    ("100000", "image size 100000 (batch 1) needs 111.8 GiB for the input alone, more than this machine's"),
+])
+def test_image_size_refused_before_any_allocation(size: str, message: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """Regression: --image-size 0 meant "the default" (224) and 100000 died allocating 28 GiB with a
+    traceback; both are refused before any model is built (the limit is the machine's memory)."""
+    from mf_edge import create_model
+    from mf_edge.errors import UserError
+    from mf_edge.models.factory import physical_memory
+
+    if size == "100000" and (physical_memory() or 0) > 120 * 2**30:
+        pytest.skip("this machine could hold a 100000 px input")
+    code, _, err = run(["convert", MODEL, "--target", "onnx", "--weights", "random", "--image-size", size,
+                        "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and message in one_error_line(err)
+    with pytest.raises(UserError, match=message.split(" (")[0]):
+        create_model(MODEL, weights="random", image_size=int(size))
+
+
+@pytest.mark.parametrize("top", ["0", "-2"])
+def test_predict_top_below_one_is_refused(top: str, published: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """Regression: ``--top -2`` printed 998 rows and ``--top 0`` an empty table."""
+    image = next(photos(tmp_path / "p", 1).iterdir())
+    code, out, err = run(["predict", str(published), str(image), "--top", top], capsys)
+    assert code == 2 and f"--top must be at least 1, got {top}" in one_error_line(err) and out == ""
+
+
+def test_ctrl_c_while_the_cli_imports_exits_130(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """Regression: Ctrl-C inside ``import torch`` at start-up printed a KeyboardInterrupt traceback.
+    The command modules (and PyTorch) now import inside ``main``'s Ctrl-C handling."""
+    import mf_edge.cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mf_edge.cli, "_register", interrupted)
+    code, out, err = run(["models"], capsys)
+    assert code == 130 and out == "" and "Traceback" not in err
+
+
+def test_the_cli_entry_imports_no_torch() -> None:
+    """What the console script imports before ``main`` runs must be light: an import of PyTorch there
+    is outside any Ctrl-C handling (regression: ``mf_edge/__init__`` imported the models eagerly)."""
+    import subprocess
+    import sys
+
+    code = "import sys, mf_edge.cli; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_ctrl_c_during_start_up_is_quiet(tmp_path: Path) -> None:
+    """SIGINT to a real ``mf-edge`` process while it is still starting (importing PyTorch): exit 130,
+    nothing on stderr."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", "from mf_edge.cli import main; main()", "models"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    if process.poll() is not None:
+        pytest.skip("mf-edge finished starting before the signal")
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err, err
+
+
+def test_refused_pickle_says_why_and_never_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Regression: a pickle with a ``__reduce__`` call was reported as "corrupt or truncated"."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": Payload()}, evil)
+    code, _, err = run(["convert", MODEL, "--target", "onnx", "--weights", str(evil), "--image-size", SIZE,
+                        "--output", str(tmp_path / "out")], capsys)
+    message = one_error_line(err)
+    assert code == 2 and f"checkpoint {evil} is not a weights-only checkpoint" in message
+    assert "refused for safety and never unpickled" in message and "corrupt" not in message
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_engine_build_on_a_folder_says_it_is_a_folder(published: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """Regression: ``engine build FOLDER`` said "does not exist" for a folder that exists."""
+    code, _, err = run(["engine", "build", str(published)], capsys)
+    message = one_error_line(err)
+    assert code == 2 and f"{published} is a folder, not a file; pass {published / 'model.onnx'}" in message
+    code, _, err = run(["engine", "build", str(tmp_path)], capsys)
+    assert code == 2 and f"{tmp_path} is a folder, not a file; pass the model.onnx" in one_error_line(err)
+
+
+def test_calibration_list_entries_say_what_they_are(tmp_path: Path) -> None:
+    """Regression: --calib-data list entries that were folders or FIFOs were "does not exist"."""
+    import os
+
+    from mf_edge.calibration.data import load_calibration_set
+    from mf_edge.errors import UserError
+    from mf_edge.spec import Preprocessing
+
+    prep = Preprocessing(32, 1.0, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    (tmp_path / "a_folder").mkdir()
+    os.mkfifo(tmp_path / "a_fifo")
+    cases = (("a_folder", "is a folder, not a file"), ("a_fifo", "is a FIFO (named pipe), not a file"),
+             ("gone.jpg", "does not exist"))
+    for entry, kind in cases:
+        listing = tmp_path / "list.txt"
+        listing.write_text(f"# calibration\n{entry}\n")
+        with pytest.raises(UserError, match=rf"list\.txt:2: {entry} {re.escape(kind)}; fix the path"):
+            load_calibration_set(listing, prep, use_cache=False)

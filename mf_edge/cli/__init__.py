@@ -33,10 +33,15 @@ def _register() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning ``UserError`` into one ``error:`` line and its exit code."""
-    _register()
+    """Entry point: run the app, turning ``UserError`` into one ``error:`` line and its exit code.
+
+    Ctrl-C exits 130 without a traceback, also while the command modules (and PyTorch) import.
+    """
     try:
+        _register()
         app(args=argv, prog_name="mf-edge")
+    except KeyboardInterrupt:
+        sys.exit(130)
     except UserError as exc:
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

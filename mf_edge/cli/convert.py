@@ -32,6 +32,12 @@ def ptq_options(precision: str, calibration: Path | None, calib_data: Path | Non
             "observer": observer, "keep_float": list(keep_float or []), "max_drop": max_drop}
 
 
+def check_top(top: int) -> None:
+    """``--top`` counts classes to print: at least one."""
+    if top < 1:
+        raise UserError(f"--top must be at least 1, got {top}.")
+
+
 OPTION_FLAGS = {"minimum_deployment_target": "--deployment-target", "workspace_mib": "--workspace"}
 
 
@@ -150,6 +156,7 @@ def predict_command(
     """Classify images with a converted artifact, in its own runtime: top classes with ImageNet names."""
     from mf_edge.pipeline import predict
 
+    check_top(top)
     for path, classes in zip(images, predict(output_dir, images, top), strict=True):
         table = Table(title=str(path), title_justify="left")
         for column in ("#", "class", "probability", "logit"):

@@ -11,9 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from mf_edge.cli import app
+from mf_edge.cli.convert import check_top
 from mf_edge.converters.tensorrt import DEFAULT_MAX_BATCH, TensorRTRuntime, build_engine, plan_engine
 from mf_edge.errors import UserError
 from mf_edge.models.zoo import IMAGENET_MEAN, IMAGENET_STD, get_model_info
+from mf_edge.paths import not_a_file
 
 engine_app = typer.Typer(help="Build and run TensorRT engines (on the NVIDIA device that will run them).",
                          no_args_is_help=True)
@@ -52,13 +54,16 @@ def run_command(
                               "zoo's ImageNet one: bicubic, crop 1.0, ImageNet mean/std)."),
 ) -> None:
     """Run a TensorRT engine on images (or a random batch) and print the top classes and latency."""
-    if not engine.is_file():
-        raise UserError(f"{engine} does not exist; build it with `mf-edge engine build model.onnx`.")
+    problem = not_a_file(engine)
+    if problem:
+        raise UserError(f"{engine} {problem}; build it with `mf-edge engine build model.onnx`.")
+    check_top(top)
     if bool(images) == random:
         raise UserError("give either IMAGE paths or --random (not both, not neither).")
-    missing = [str(path) for path in images or [] if not path.is_file()]
-    if missing:
-        raise UserError(f"image {missing[0]} does not exist; pass existing image files.")
+    for path in images or []:
+        problem = not_a_file(path)
+        if problem:
+            raise UserError(f"image {path} {problem}; pass existing image files.")
     if model is not None:
         get_model_info(model)  # an unknown name fails here, before the engine loads
     runtime = TensorRTRuntime(engine)

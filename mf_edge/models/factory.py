@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
@@ -41,7 +42,7 @@ def create_model(
     from mf_edge.weights import checkpoint_num_classes, load_checkpoint, load_into, sha256_file
 
     info = get_model_info(name)
-    size = _check_image_size(image_size or info.image_size)
+    size = check_image_size(info.image_size if image_size is None else image_size)
     options = {"image_size": size, "drop_path_rate": drop_path_rate, "head_dropout": head_dropout}
     record: dict = {"source": "random", "path": None, "sha256": None, "layout": None, "seed": seed}
     with torch.random.fork_rng(devices=[]):
@@ -67,11 +68,29 @@ def create_model(
     return model.eval()
 
 
-def _check_image_size(size: int) -> int:
+def check_image_size(size: int, batch_size: int = 1) -> int:
+    """``size`` when it is a positive multiple of 32 whose input batch fits in this machine's memory.
+
+    Checked before anything is allocated: the float32 input alone (``batch * 3 * size**2 * 4`` bytes)
+    must fit in the physical memory; the activations need several times more.
+    """
     if size <= 0 or size % 32:
         raise UserError(f"image size {size} is not a positive multiple of 32 (MetaFormer downsamples by 32); "
-                        "pass e.g. image_size=224.")
+                        "pass e.g. --image-size 224.")
+    needed, memory = batch_size * 3 * size * size * 4, physical_memory()
+    if memory is not None and needed > memory:
+        raise UserError(f"image size {size} (batch {batch_size}) needs {needed / 2**30:.1f} GiB for the "
+                        f"input alone, more than this machine's {memory / 2**30:.1f} GiB of memory (the "
+                        "limit); pass a smaller --image-size, e.g. 224.")
     return size
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory, or ``None`` where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:

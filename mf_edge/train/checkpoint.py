@@ -15,15 +15,14 @@ Layout (``FORMAT``)::
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mf_edge.errors import UserError
+from mf_edge.paths import not_a_file
 
 FORMAT = "mf-edge-train/1"
 LAST = "last.pt"
@@ -69,14 +68,13 @@ def save_checkpoint(payload: dict, path: Path) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint written by ``save_checkpoint``; anything else raises ``UserError``."""
+    from mf_edge.weights import load_weights_only
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass the last.pt of an earlier run to --resume.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); "
-                        "pass another checkpoint.") from None
+    problem = not_a_file(path)
+    if problem:
+        raise UserError(f"checkpoint {path} {problem}; pass the last.pt of an earlier run to --resume.")
+    payload = load_weights_only(path, "pass another checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not an mf-edge training checkpoint ({FORMAT}); "
                         "to start from plain weights use --weights instead of --resume.")
