@@ -59,13 +59,14 @@ def load_image(path: str | Path) -> Image.Image:
                         "PNG file.") from None
 
 
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB; 16-bit grey levels (``I;16*``, and ``I`` as PNG decodes them) are scaled
-    by 255/65535, where ``convert("RGB")`` would clip everything above 255 to white."""
-    if image.mode in SIXTEEN_BIT:
+    """``image`` as 8-bit RGB. 16-bit grey levels (``I;16*``, and ``I`` from a PNG, whose only 32-bit
+    integer mode comes from 16-bit data in older Pillows) are scaled by 255/65535, where
+    ``convert("RGB")`` would clip everything above 255 to white."""
+    if image.mode in SIXTEEN_BIT or (image.mode == "I" and image.format == "PNG"):
         levels = np.asarray(image, dtype=np.float64)
         grey = np.clip(np.rint(levels * (255 / 65535)), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mf_edge.errors import UserError
-from mf_edge.spec import ExportSpec, Preprocessing
+from mf_edge.spec import PRECISIONS, ExportSpec, Preprocessing
 
 MANIFEST = "manifest.json"
 PARITY = "parity.json"
@@ -128,24 +128,83 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def read_manifest(out_dir: str | Path) -> dict:
-    """The manifest of an output folder; a missing or corrupt one raises ``UserError``."""
+    """The manifest of an output folder; a missing, corrupt or ill-typed one raises ``UserError``.
+
+    The fields that ``parity``/``predict``/``bench`` read back are checked here (types, and the spec
+    rebuilds), so a damaged manifest is one error line and never a ``KeyError``/``TypeError`` later.
+    """
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise UserError(f"{out_dir} has no {MANIFEST}; pass an output folder written by `mf-edge convert`.")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); convert the model again.") from None
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError, OSError) as exc:  # JSONDecodeError, UnicodeDecodeError: ValueError
+        raise UserError(f"{path} is not valid JSON ({type(exc).__name__}: {str(exc)[:120]}); convert the "
+                        "model again.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path} is not an mf-edge manifest ({FORMAT}); convert the model again.")
+    for key, kind in FIELDS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise UserError(f"{path} is damaged: {key!r} is {type(manifest.get(key)).__name__}, not "
+                            f"{kind.__name__}; convert the model again.")
+    if not isinstance(manifest["model"].get("name"), str):
+        raise UserError(f"{path} is damaged: 'model' has no name; convert the model again.")
+    spec_from_manifest(manifest, path)
     return manifest
 
 
-def spec_from_manifest(manifest: dict) -> ExportSpec:
-    """The ``ExportSpec`` an output folder was made with."""
+FIELDS = {"target": str, "artifact": str, "model": dict, "weights": dict, "spec": dict}
+SPEC_FIELDS = {"model": str, "image_size": int, "num_classes": int, "batch_size": int, "dynamic_batch": bool,
+               "precision": str, "options": dict}
+PREPROCESSING_FIELDS = {"image_size": int, "crop_pct": float, "interpolation": str, "mean": list, "std": list}
+
+
+def spec_from_manifest(manifest: dict, path: str | Path = MANIFEST) -> ExportSpec:
+    """The ``ExportSpec`` an output folder was made with (``UserError`` when its fields are damaged)."""
     data = dict(manifest["spec"])
     data.pop("input", None)
-    prep = data.pop("preprocessing")
-    prep = Preprocessing(prep["image_size"], prep["crop_pct"], prep["interpolation"], tuple(prep["mean"]),
-                         tuple(prep["std"]))
-    return ExportSpec(**data, preprocessing=prep)
+    prep = data.pop("preprocessing", None)
+    problem = _mistyped(data, SPEC_FIELDS, "spec") or (
+        "spec.preprocessing is missing" if not isinstance(prep, dict) else
+        _mistyped(prep, PREPROCESSING_FIELDS, "spec.preprocessing"))
+    problem = problem or _out_of_range(data, prep)
+    if problem:
+        raise UserError(f"{path} is damaged: {problem}; convert the model again.")
+    prep = Preprocessing(prep["image_size"], float(prep["crop_pct"]), prep["interpolation"],
+                         tuple(prep["mean"]), tuple(prep["std"]))
+    return ExportSpec(**{key: data[key] for key in SPEC_FIELDS}, preprocessing=prep)
+
+
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def _out_of_range(spec: dict, prep: dict) -> str | None:
+    """The first value of a well-typed spec that no conversion could have written, in words."""
+    checks = (
+        (spec["image_size"] > 0 and spec["image_size"] % 32 == 0,
+         "spec.image_size is not a positive multiple of 32"),
+        (spec["batch_size"] >= 1 and spec["num_classes"] >= 1, "spec.batch_size/num_classes are below 1"),
+        (spec["precision"] in PRECISIONS, f"spec.precision is not one of {', '.join(PRECISIONS)}"),
+        (prep["image_size"] == spec["image_size"] and 0 < prep["crop_pct"] <= 1,
+         "spec.preprocessing's image_size/crop_pct do not fit the spec"),
+        (prep["interpolation"] in INTERPOLATIONS, "spec.preprocessing.interpolation is unknown"),
+        (all(len(prep[k]) == 3 and all(_is_number(v) for v in prep[k]) for k in ("mean", "std"))
+         and all(v > 0 for v in prep["std"]), "spec.preprocessing mean/std are not three numbers each "
+                                             "(std positive)"),
+    )
+    return next((message for ok, message in checks if not ok), None)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _mistyped(data: dict, fields: dict[str, type], where: str) -> str | None:
+    """The first field of ``data`` missing or of another type than ``fields`` says, in words."""
+    for key, kind in fields.items():
+        value = data.get(key)
+        ok = _is_number(value) if kind is float else (
+            isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+        if not ok:
+            return f"{where}.{key} is {type(value).__name__}, not {kind.__name__}"
+    return None

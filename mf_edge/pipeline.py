@@ -36,7 +36,7 @@ from mf_edge.manifest import (
     write_json,
 )
 from mf_edge.models.zoo import ModelInfo, get_model_info
-from mf_edge.publish import check_output, staged_output
+from mf_edge.publish import check_output, partial_file, remove_stale, staged_output
 from mf_edge.rewrites import rewrite_for_deployment
 from mf_edge.spec import ExportSpec
 
@@ -198,7 +198,8 @@ def failed_report_path(output: Path) -> Path:
 def keep_failed_report(output: Path, report: dict) -> Path:
     """Write the report of a failed parity check beside ``output`` (atomically), for the user to read."""
     path = failed_report_path(output)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    remove_stale(path.parent, path.name)
+    partial = partial_file(path)
     write_json(partial, report)
     os.replace(partial, path)
     return path

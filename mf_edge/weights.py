@@ -23,6 +23,7 @@ from mf_edge.errors import UserError
 from mf_edge.layouts import detect_layout, official_to_timm, timm_to_official
 from mf_edge.models.zoo import ModelInfo
 from mf_edge.paths import not_a_file
+from mf_edge.publish import partial_file
 
 StateDict = dict[str, torch.Tensor]
 
@@ -230,7 +231,7 @@ def save_state_dict(model: nn.Module, path: str | Path, layout: str = "official"
     elif layout != "official":
         raise UserError(f"unknown layout {layout!r}; use 'official' or 'timm'.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = partial_file(path)
     if path.suffix == ".safetensors":
         save_file(state, str(tmp))
     else:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mf_edge import parity as parity_lib
 from mf_edge.cli import main
@@ -393,3 +395,311 @@ def test_calibration_list_entries_say_what_they_are(tmp_path: Path) -> None:
         listing.write_text(f"# calibration\n{entry}\n")
         with pytest.raises(UserError, match=rf"list\.txt:2: {entry} {re.escape(kind)}; fix the path"):
             load_calibration_set(listing, prep, use_cache=False)
+
+
+# ------------------------------------------------------------------------- nothing a user owns is lost
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_force_replaces_only_what_mf_edge_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """Regression: ``convert -o . --force`` deleted the user's files. ``--force`` now replaces only an
+    mf-edge output folder (its manifest.json) or an empty one, never the working folder or a parent."""
+    from mf_edge.errors import UserError
+    from mf_edge.publish import check_output
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    argv = ["convert", MODEL, "--target", "onnx", "--weights", "random", "--image-size", SIZE, "--force"]
+    code, _, err = run([*argv, "--output", str(mine)], capsys)
+    message = one_error_line(err)
+    assert code == 2 and "--force only replaces an mf-edge output folder" in message
+    assert "thesis.tex" in message
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+    monkeypatch.chdir(mine)
+    for folder in (".", "..", str(tmp_path)):
+        code, _, err = run([*argv, "--output", folder], capsys)
+        assert code == 2 and "it is the working folder or one of its parents" in one_error_line(err)
+    assert (mine / "thesis.tex").exists()
+
+    (tmp_path / "empty").mkdir()
+    assert check_output(tmp_path / "empty", force=True) == tmp_path / "empty"
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / "manifest.json").write_text(json.dumps({"format": "mf-edge-manifest/1"}))
+    assert check_output(made, force=True) == made
+    (made / "manifest.json").write_text('{"format": "something else"}')
+    with pytest.raises(UserError, match="holds other files"):
+        check_output(made, force=True)
+
+
+def test_stale_staging_of_a_killed_run_is_removed(tmp_path: Path) -> None:
+    """Regression: SIGKILL left ``.NAME.*.partial`` staging folders (up to 103 MB) that no later run
+    removed. A later run of the same output removes those whose process is gone, and only those."""
+    from mf_edge.publish import staged_output, temporary_prefix
+
+    dead = tmp_path / f".out.pid{dead_pid()}-abc.partial"
+    dead.mkdir()
+    (dead / "model.onnx").write_bytes(b"\0" * 1000)
+    dead_file = tmp_path / f".out.pid{dead_pid()}-.old"
+    dead_file.write_bytes(b"x")
+    live = tmp_path / f"{temporary_prefix('out')}xyz.partial"  # this very process: still running
+    live.mkdir()
+    other = tmp_path / f".other.pid{dead_pid()}-abc.partial"  # another output's: not this run's business
+    other.mkdir()
+    with staged_output(tmp_path / "out") as staging:
+        (staging / "a.txt").write_text("a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out"])
+
+
+def test_failed_report_replaces_a_stale_partial(tmp_path: Path) -> None:
+    """``<output>.parity-failed.json`` is written through a PID-named temporary file; a killed
+    writer's temporary file is removed by the next one."""
+    from mf_edge.pipeline import keep_failed_report
+
+    stale = tmp_path / f".out.parity-failed.json.pid{dead_pid()}-.partial"
+    stale.write_text("{")
+    kept = keep_failed_report(tmp_path / "out", {"status": "fail", "value": float("nan")})
+    assert kept == tmp_path / "out.parity-failed.json" and strict_load(kept)["value"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parity-failed.json"]
+
+
+@pytest.fixture(scope="module")
+def earlier_run(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-epoch poolformerv2_s12 run stopped after its first epoch (one step): last.pt and best.pt."""
+    from mf_edge.train import TrainConfig, train
+
+    output = tmp_path_factory.mktemp("runs") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(model="poolformerv2_s12", data=cifar10_small, output=output, image_size=32,
+                          batch_size=8, epochs=3, stop_after_epochs=1, max_steps_per_epoch=1, workers=0,
+                          device="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    return output
+
+
+def train_argv(data: Path, output: Path, *extra: str) -> list[str]:
+    return ["train", "poolformerv2_s12", "--data", str(data), "--image-size", "32", "--batch-size", "8",
+            "--max-steps-per-epoch", "1", "--workers", "0", "--device", "cpu", "--output", str(output),
+            *extra]
+
+
+def test_train_refuses_a_folder_holding_an_earlier_run(earlier_run: Path, cifar10_small: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """Regression: ``mf-edge train`` into an earlier run's folder without --resume silently replaced its
+    best.pt (a 26.7% model overwritten by a 20% one)."""
+    from mf_edge.weights import sha256_file
+
+    before = sha256_file(earlier_run / "best.pt")
+    code, _, err = run(train_argv(cifar10_small, earlier_run, "--epochs", "3"), capsys)
+    message = one_error_line(err)
+    assert code == 2 and f"output folder {earlier_run} already holds files" in message
+    assert f"--resume {earlier_run / 'last.pt'}" in message and "--force" in message
+    assert sha256_file(earlier_run / "best.pt") == before
+
+
+def test_resume_mistakes_are_one_line(earlier_run: Path, cifar10_small: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    """Regressions: ``--resume best.pt`` gave ``KeyError: 'train'``; resuming a finished run exited 0 and
+    named a folder it never made; ``--epochs`` below the checkpoint's was taken silently."""
+    new = tmp_path / "new"
+    cases = (
+        ("best.pt", "3", f"{earlier_run / 'best.pt'} holds no training state (best.pt keeps only the weights "
+                         f"to deploy); resume from {earlier_run / 'last.pt'}"),
+        ("last.pt", "1", f"--resume {earlier_run / 'last.pt'} has already trained 1 epoch(s) and --epochs is "
+                         "1: nothing is left to train"),
+        ("last.pt", "2", f"--resume {earlier_run / 'last.pt'} continues a 3-epoch schedule; --epochs 2 would "
+                         "cut it short; pass --epochs 3"),
+    )
+    for name, epochs, expected in cases:
+        code, out, err = run(train_argv(cifar10_small, new, "--epochs", epochs, "--resume",
+                                        str(earlier_run / name)), capsys)
+        assert code == 2 and expected in one_error_line(err) and "checkpoints in" not in out
+        assert not new.exists()
+
+
+def test_train_force_and_stale_partials(earlier_run: Path, cifar10_small: Path, tmp_path: Path) -> None:
+    """``--force`` replaces an earlier run's folder but refuses one holding other files; temporary
+    checkpoint files of killed runs (``last.pt.partial`` before PIDs, ``.last.pt.pidPID-.partial`` now)
+    are removed when a run starts in that folder, a live process's are kept."""
+    import shutil
+
+    from mf_edge.errors import UserError
+    from mf_edge.publish import partial_file
+    from mf_edge.train import TrainConfig
+    from mf_edge.train.trainer import prepare_output
+
+    def config(output: Path, **extra) -> TrainConfig:
+        return TrainConfig(model="poolformerv2_s12", data=cifar10_small, output=output, **extra)
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(earlier_run, run_copy)
+    legacy, stale = run_copy / "last.pt.partial", run_copy / f".last.pt.pid{dead_pid()}-.partial"
+    live = partial_file(run_copy / "best.pt")
+    for path in (legacy, stale, live):
+        path.write_bytes(b"half a checkpoint")
+    prepare_output(config(run_copy, resume=run_copy / "last.pt"), is_main=True)
+    assert not legacy.exists() and not stale.exists() and live.exists() and (run_copy / "best.pt").exists()
+
+    prepare_output(config(run_copy, force=True), is_main=True)
+    assert not run_copy.exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"--force only replaces a folder of an earlier run .*\(notes\.txt\)"):
+        prepare_output(config(mine, force=True), is_main=True)
+    assert (mine / "notes.txt").exists()
+
+
+# ------------------------------------------------------------------------------- properties (hypothesis)
+
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F")
+
+
+def encoded_image(mode: str, width: int, height: int, seed: int) -> tuple[bytes, str]:
+    """A ``mode`` image of random pixels, encoded as PNG (TIFF for modes PNG cannot hold)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    elif mode in ("I", "F"):
+        image = base.convert("L").convert(mode)
+    else:
+        image = base.convert(mode)
+    suffix = "tiff" if mode in ("CMYK", "I", "F") else "png"
+    buffer = io.BytesIO()
+    image.save(buffer, format=suffix.upper())
+    return buffer.getvalue(), suffix
+
+
+def check_loads_or_refuses(data: bytes, suffix: str, size: tuple[int, int] | None = None) -> None:
+    """``load_image`` on ``data`` gives an 8-bit RGB image (of ``size`` when given) or one ``UserError``
+    line naming the file; never another exception."""
+    import tempfile
+
+    from mf_edge.data import load_image
+    from mf_edge.errors import UserError
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"input.{suffix}"
+        path.write_bytes(data)
+        try:
+            image = load_image(path)
+        except UserError as exc:
+            assert str(path) in str(exc) and "\n" not in str(exc)
+            return
+        assert image.mode == "RGB" and np.asarray(image).dtype == np.uint8
+        if size is not None:
+            assert image.size == size
+
+
+@PROPERTY
+@given(mode=st.sampled_from(MODES), width=st.integers(1, 40), height=st.integers(1, 40),
+       seed=st.integers(0, 2**16))
+def test_image_loader_gives_rgb_for_every_mode(mode: str, width: int, height: int, seed: int) -> None:
+    """Any mode Pillow decodes becomes an 8-bit RGB image of the same size."""
+    data, suffix = encoded_image(mode, width, height, seed)
+    check_loads_or_refuses(data, suffix, (width, height))
+
+
+@PROPERTY
+@given(mode=st.sampled_from(MODES), cut=st.floats(0.0, 0.99), seed=st.integers(0, 2**16))
+def test_image_loader_on_truncated_files(mode: str, cut: float, seed: int) -> None:
+    """A truncated file is an error line (or, where the decoder tolerates it, an RGB image)."""
+    data, suffix = encoded_image(mode, 24, 24, seed)
+    check_loads_or_refuses(data[: int(len(data) * cut)], suffix)
+
+
+@PROPERTY
+@given(data=st.binary(max_size=512), suffix=st.sampled_from(["png", "jpg", "gif", "bmp", "webp", "tiff"]))
+def test_image_loader_on_random_bytes(data: bytes, suffix: str) -> None:
+    check_loads_or_refuses(data, suffix)
+
+
+@PROPERTY
+@given(width=st.integers(1, 2**31 - 1), height=st.integers(1, 2**31 - 1))
+def test_image_loader_on_huge_headers(width: int, height: int) -> None:
+    """A header claiming any size, with almost no data: a bomb error or a truncated-file error."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        if width * height > 50_000_000:  # keep the decoder's allocation small where no bomb check stops it
+            check_loads_or_refuses(png_header(Path(folder) / "h.png", width, height).read_bytes(), "png")
+
+
+def valid_manifest() -> dict:
+    """A manifest as ``mf-edge convert`` writes it (the fields ``read_manifest`` checks)."""
+    from mf_edge.models import get_model_info
+    from mf_edge.spec import ExportSpec
+
+    spec = ExportSpec.for_model(get_model_info(MODEL), image_size=64)
+    return {"format": "mf-edge-manifest/1", "target": "onnx", "artifact": "model.onnx",
+            "model": {"name": MODEL}, "weights": {"source": "random", "seed": 0}, "spec": spec.to_dict()}
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                           | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+
+
+def check_manifest(raw: bytes) -> None:
+    """``read_manifest`` then ``spec_from_manifest`` on ``raw``: a spec or one ``UserError`` line."""
+    import tempfile
+
+    from mf_edge.errors import UserError
+    from mf_edge.manifest import read_manifest, spec_from_manifest
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "manifest.json").write_bytes(raw)
+        try:
+            spec = spec_from_manifest(read_manifest(folder))
+        except UserError as exc:
+            assert "\n" not in str(exc) and "manifest.json" in str(exc)
+            return
+        assert spec.image_size % 32 == 0 and len(spec.preprocessing.mean) == 3
+
+
+@PROPERTY
+@given(path=st.sampled_from([("target",), ("artifact",), ("model",), ("model", "name"), ("spec",),
+                             ("spec", "image_size"), ("spec", "batch_size"), ("spec", "precision"),
+                             ("spec", "preprocessing"), ("spec", "preprocessing", "crop_pct"),
+                             ("spec", "preprocessing", "mean"), ("spec", "preprocessing", "interpolation"),
+                             ("spec", "options"), ("weights",)]),
+       value=JSON_VALUES)
+def test_manifest_reader_on_wrong_json_types(path: tuple[str, ...], value) -> None:
+    """Any field replaced by any JSON value: the spec, or one error line (never KeyError/TypeError)."""
+    manifest = valid_manifest()
+    holder = manifest
+    for key in path[:-1]:
+        holder = holder[key]
+    holder[path[-1]] = value
+    check_manifest(json.dumps(manifest).encode())
+
+
+@PROPERTY
+@given(cut=st.integers(0, 2000), junk=st.binary(max_size=64))
+def test_manifest_reader_on_truncated_and_non_utf8_files(cut: int, junk: bytes) -> None:
+    text = json.dumps(valid_manifest()).encode()
+    check_manifest(text[:cut])
+    check_manifest(b"\xff\xfe" + junk)
+    check_manifest(b"[" * 100_000)  # deep nesting: RecursionError in the JSON parser

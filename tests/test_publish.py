@@ -32,6 +32,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     output = tmp_path / "out"
     output.mkdir()
     (output / "old.txt").write_text("old")
+    (output / "manifest.json").write_text('{"format": "mf-edge-manifest/1"}')  # --force replaces only ours
     with pytest.raises(UserError, match="already exists; pass --force"):
         check_output(output, force=False)
     with staged_output(output, force=True) as staging:
@@ -44,6 +45,7 @@ def test_failed_forced_replacement_keeps_the_old_output(tmp_path: Path) -> None:
     output = tmp_path / "out"
     output.mkdir()
     (output / "old.txt").write_text("old")
+    (output / "manifest.json").write_text('{"format": "mf-edge-manifest/1"}')  # --force replaces only ours
     with pytest.raises(KeyboardInterrupt), staged_output(output, force=True):
         raise KeyboardInterrupt
     assert (output / "old.txt").read_text() == "old"

@@ -27,6 +27,8 @@ def train_command(
     target: str = typer.Option(None, help="With --qat: the deployment target (executorch, onnx, ...)."),
     output: Path = typer.Option(None, help="Output folder (default ./mf-edge-out/<model>-train[-qat-T])."),
     resume: Path = typer.Option(None, help="Continue from the last.pt of an earlier run."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier run in --output (only a folder "
+                               "mf-edge train wrote, or an empty one)."),
     workers: int = typer.Option(2, help="DataLoader worker processes per training process."),
     warmup_epochs: float = typer.Option(1.0, help="Linear learning-rate warm-up, in epochs."),
     label_smoothing: float = typer.Option(0.1, help="Label smoothing of the training loss."),
@@ -60,7 +62,7 @@ def train_command(
         ema_decay=ema_decay if ema else None, clip_grad=clip_grad, seed=seed,
         max_steps_per_epoch=max_steps_per_epoch, val_fraction=val_fraction,
         freeze_observers_after=freeze_observers_after, calib_size=calib_size,
-        stop_after_epochs=stop_after_epochs,
+        stop_after_epochs=stop_after_epochs, force=force,
     )
     result = train(config)
     if result.main_process:

@@ -23,6 +23,7 @@ import torch
 
 from mf_edge.errors import UserError
 from mf_edge.paths import not_a_file
+from mf_edge.publish import partial_file
 
 FORMAT = "mf-edge-train/1"
 LAST = "last.pt"
@@ -60,7 +61,7 @@ def restore_rng(state: dict) -> None:
 def save_checkpoint(payload: dict, path: Path) -> Path:
     """Write ``payload`` to a temporary file beside ``path`` and move it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = partial_file(path)
     torch.save({"format": FORMAT, **payload}, tmp)
     os.replace(tmp, path)
     return path

@@ -40,6 +40,7 @@ class TrainConfig:
     freeze_observers_after: float = 0.5
     calib_size: int = 256
     stop_after_epochs: int | None = None
+    force: bool = False
 
     def __post_init__(self) -> None:
         checks = (

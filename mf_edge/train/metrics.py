@@ -6,12 +6,14 @@ import csv
 import os
 from pathlib import Path
 
+from mf_edge.publish import partial_file
+
 COLUMNS = ("epoch", "phase", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "seconds")
 
 
 def write_csv(history: list[dict], path: Path) -> Path:
     """One row per finished epoch (``COLUMNS``)."""
-    tmp = path.with_name(path.name + ".partial")
+    tmp = partial_file(path)
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -39,8 +41,8 @@ def plot(history: list[dict], path: Path, title: str) -> Path:
         axis.legend()
         axis.grid(alpha=0.3)
     fig.suptitle(title)
-    tmp = path.with_name(path.stem + ".partial" + path.suffix)
-    fig.savefig(tmp, dpi=100)
+    tmp = partial_file(path)
+    fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     os.replace(tmp, path)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from mf_edge.console import note
 from mf_edge.errors import UserError
 from mf_edge.models import create_model, get_model_info
+from mf_edge.publish import check_replaceable, remove_stale
 from mf_edge.spec import ExportSpec
 from mf_edge.train import distributed, qat
 from mf_edge.train.checkpoint import (
@@ -60,13 +62,15 @@ class _Run:
         self.config, self.context = config, context
         seed_everything(config.seed * 1_000 + context.rank)
         info = get_model_info(config.model)
-        resume = load_checkpoint(config.resume) if config.resume else None
+        resume = load_resume(config.resume) if config.resume else None
         self.spec = ExportSpec.for_model(info, config.image_size, batch_size=config.batch_size)
         self.data = load_image_data(config.data, self.spec.preprocessing, config.min_crop_scale,
                                     config.val_fraction, config.seed)
         self.num_classes = self._check_classes(self.data)
         if resume:
             self._check_resume_matches(resume)
+            check_schedule(resume, config.resume, config.epochs)
+        prepare_output(config, context.is_main)  # after every check: --force replaces only for a real run
         self.train_loader = train_loader(self.data.train, config.batch_size, config.workers, context.rank,
                                          context.world_size, config.seed)
         self.val_loader = val_loader(self.data.val, config.batch_size, config.workers, context.rank,
@@ -240,6 +244,60 @@ class _Run:
         write_csv(self.history, self.output / "metrics.csv")
         kind = f"QAT for {config.target}" if config.qat else "float fine-tuning"
         plot(self.history, self.output / "metrics.png", f"{config.model} ({kind})")
+
+
+def load_resume(path: Path) -> dict:
+    """The checkpoint ``--resume`` names, if it holds a training state to continue (else ``UserError``)."""
+    resume = load_checkpoint(path)
+    path = Path(path)
+    if not isinstance(resume.get("train"), dict):
+        raise UserError(f"{path} holds no training state ({BEST} keeps only the weights to deploy); resume "
+                        f"from {path.with_name(LAST)}, or start from these weights with --weights {path}.")
+    return resume
+
+
+def check_schedule(resume: dict, path: Path, epochs: int) -> None:
+    """Refuse to resume a run that ``epochs`` leaves nothing to train, or whose schedule it cuts short."""
+    done = resume["meta"]["epoch"] + 1
+    planned = resume["train"].get("config", {}).get("epochs", epochs)
+    if done >= epochs:
+        raise UserError(f"--resume {path} has already trained {done} epoch(s) and --epochs is {epochs}: "
+                        f"nothing is left to train; pass --epochs above {done} to train longer, or --weights "
+                        f"{path} to fine-tune from its weights with a new schedule.")
+    if epochs < planned:
+        raise UserError(f"--resume {path} continues a {planned}-epoch schedule; --epochs {epochs} would cut "
+                        f"it short; pass --epochs {planned} (or more, to extend it).")
+    if epochs > planned:
+        note(f"extending the schedule of {path} from {planned} to {epochs} epochs")
+
+
+RUN_FILES = (LAST, BEST, "metrics.csv", "metrics.png")
+
+
+def prepare_output(config: TrainConfig, is_main: bool) -> None:
+    """Refuse an output folder that holds files, unless this run resumes from it or ``--force`` (then
+    only a folder of an earlier run is replaced); remove temporary files of killed runs."""
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} exists and is not a folder; pass another --output.")
+    resuming_here = config.resume is not None and Path(config.resume).resolve().parent == output.resolve()
+    if output.is_dir() and any(output.iterdir()) and not resuming_here:
+        if not config.force:
+            raise UserError(f"output folder {output} already holds files (an earlier run?); pass --resume "
+                            f"{output / LAST} to continue it, --force to replace it, or another --output.")
+        check_replaceable(output, _holds_run, f"a folder of an earlier run ({', '.join(RUN_FILES)})")
+        if is_main:
+            shutil.rmtree(output)
+    if is_main and output.is_dir():
+        for name in RUN_FILES:
+            remove_stale(output, name)
+            (output / f"{name}.partial").unlink(missing_ok=True)  # the temporary name before PIDs
+
+
+def _holds_run(folder: Path) -> bool:
+    names = {entry.name for entry in folder.iterdir()}
+    temporary = {name for name in names if name.startswith(".") or name.endswith(".partial")}
+    return bool(names & {LAST, BEST}) and names - temporary <= set(RUN_FILES)
 
 
 def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
