@@ -28,7 +28,7 @@ from mf_edge.parity import reference_logits, runtime_logits
 from mf_edge.pipeline import convert
 from mf_edge.spec import ExportSpec
 from mf_edge.train import TrainConfig, train
-from mf_edge.train.checkpoint import read_qat_section
+from mf_edge.train.checkpoint import load_checkpoint, read_qat_section
 
 
 def make_subset(root: Path, out: Path, train_per_class: int, val_per_class: int) -> Path:
@@ -70,8 +70,13 @@ def int8_accuracy(model_name: str, weights: Path, target: str, args: argparse.Na
 
 
 def train_or_reuse(config: TrainConfig) -> tuple[Path, float]:
-    """Train (continuing a finished or interrupted run in the same folder); last.pt and training seconds."""
+    """Train (continuing an interrupted run in the same folder, reusing a finished one); last.pt and
+    training seconds."""
     last = config.output / "last.pt"
+    if last.is_file():
+        state = load_checkpoint(last)
+        if state["meta"]["epoch"] + 1 >= config.epochs:  # finished: `train` refuses to resume it
+            return last, sum(row["seconds"] for row in state["train"]["history"])
     result = train(replace(config, resume=last if last.is_file() else None))
     return result.last_checkpoint, sum(row["seconds"] for row in result.history)
 

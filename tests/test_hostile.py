@@ -558,6 +558,12 @@ def test_train_force_and_stale_partials(earlier_run: Path, cifar10_small: Path, 
     prepare_output(config(run_copy, force=True), is_main=True)
     assert not run_copy.exists()
 
+    killed = tmp_path / "killed"  # a run killed before its first checkpoint: only a temporary file
+    killed.mkdir()
+    (killed / "last.pt.partial").write_bytes(b"half")
+    prepare_output(config(killed), is_main=True)  # a new run may start there, no --force needed
+    assert list(killed.iterdir()) == []
+
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")

@@ -281,7 +281,7 @@ def prepare_output(config: TrainConfig, is_main: bool) -> None:
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output} exists and is not a folder; pass another --output.")
     resuming_here = config.resume is not None and Path(config.resume).resolve().parent == output.resolve()
-    if output.is_dir() and any(output.iterdir()) and not resuming_here:
+    if output.is_dir() and not _only_temporary(output) and not resuming_here:
         if not config.force:
             raise UserError(f"output folder {output} already holds files (an earlier run?); pass --resume "
                             f"{output / LAST} to continue it, --force to replace it, or another --output.")
@@ -294,10 +294,20 @@ def prepare_output(config: TrainConfig, is_main: bool) -> None:
             (output / f"{name}.partial").unlink(missing_ok=True)  # the temporary name before PIDs
 
 
+def _kept_names(folder: Path) -> set[str]:
+    """The entries of ``folder`` but temporary files (``.NAME.pidPID-.partial``, ``last.pt.partial``)."""
+    legacy = {f"{name}.partial" for name in RUN_FILES}
+    return {entry.name for entry in folder.iterdir() if entry.name not in legacy
+            and not (entry.name.startswith(".") and entry.name.endswith(".partial"))}
+
+
+def _only_temporary(folder: Path) -> bool:
+    return not _kept_names(folder)
+
+
 def _holds_run(folder: Path) -> bool:
-    names = {entry.name for entry in folder.iterdir()}
-    temporary = {name for name in names if name.startswith(".") or name.endswith(".partial")}
-    return bool(names & {LAST, BEST}) and names - temporary <= set(RUN_FILES)
+    """Whether ``folder`` holds only what ``mf-edge train`` writes (run files and temporary files)."""
+    return _kept_names(folder) <= set(RUN_FILES)
 
 
 def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
