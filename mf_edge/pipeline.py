@@ -24,7 +24,7 @@ from mf_edge import parity as parity_lib
 from mf_edge.console import note, step
 from mf_edge.converters import ExportResult, Target, get_target
 from mf_edge.data import ParityInputs, load_image, parity_inputs, preprocess
-from mf_edge.errors import RuntimeUnavailable, UserError
+from mf_edge.errors import ParityFailure, RuntimeUnavailable, UserError
 from mf_edge.labels import IMAGENET_1K, label_name, labels_for
 from mf_edge.manifest import (
     LABELS,
@@ -311,6 +311,10 @@ def predict(output_dir: str | Path, images: list[str | Path], top: int = 5) -> l
     runtime = target.runtime(Path(output_dir), spec)
     batch = preprocess([load_image(path) for path in images], spec.preprocessing)
     logits = parity_lib.runtime_logits(runtime, batch, spec.batch_size, spec.dynamic_batch)
+    nonfinite = int((~np.isfinite(logits)).sum())
+    if nonfinite:  # the folder was changed after parity passed (or the runtime misbehaves here)
+        raise ParityFailure(f"the artifact in {output_dir} computed {nonfinite} NaN/inf logits, so it has no "
+                            f"probabilities to give; check it with `mf-edge parity {output_dir}`.")
     labels_file = Path(output_dir) / LABELS
     labels = labels_file.read_text().splitlines() if labels_file.is_file() else None
     shifted = np.exp(logits - logits.max(1, keepdims=True))

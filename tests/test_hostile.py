@@ -189,6 +189,9 @@ def test_parity_command_fails_an_artifact_gone_nonfinite(tmp_path: Path,
     assert code == 4
     report = json.loads(out_text, parse_constant=lambda token: pytest.fail(f"non-JSON token {token}"))
     assert report["references"]["float"]["metrics"]["cosine"] is None
+    image = next(photos(tmp_path / "p", 1).iterdir())  # regression: predict printed nan probabilities
+    code, out_text, err = run(["predict", str(out), str(image)], capsys)
+    assert code == 4 and "NaN/inf logits" in one_error_line(err) and "nan" not in out_text
 
 
 # ------------------------------------------------------------------------------------------- inputs
