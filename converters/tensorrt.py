@@ -10,10 +10,10 @@ cache, profile), made by ``plan_engine`` without TensorRT, then applied by ``bui
 TensorRT 10 Python API. ``TensorRTRuntime`` runs an engine with the tensor API (``set_input_shape``,
 ``set_tensor_address``, ``execute_async_v3``) on torch CUDA buffers and a stream of its own.
 
-Only TensorRT 10.x is supported: 8.x and 9.x predate the tensor API used here, and 11 removed the
-FP16/INT8 builder flags. From 10.12 (where NVIDIA deprecated weak typing) an int8 engine is built from a
-strongly typed network: the Q/DQ nodes alone decide what runs in int8, as NVIDIA's explicit-quantization
-guide recommends.
+Only TensorRT 10.x is supported: on 8.x and 9.x a network made without ``EXPLICIT_BATCH`` (deprecated and
+implied in 10) is implicit-batch, and 11 removed the FP16/INT8 builder flags. From 10.12 (where NVIDIA
+deprecated weak typing) an int8 engine is built from a strongly typed network: the Q/DQ nodes alone decide
+what runs in int8, as NVIDIA's explicit-quantization guide recommends.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ BUILDER_FLAGS = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}
 
 def tensorrt_version(trt: ModuleType) -> tuple[int, int]:
     """``(major, minor)`` of the imported ``tensorrt`` (``"10.12.0.36"`` -> ``(10, 12)``)."""
-    numbers = [int(part) for part in re.findall(r"\d+", str(getattr(trt, "__version__", "")))[:2]]
-    return (numbers + [0, 0])[0], (numbers + [0, 0])[1]
+    major, minor = (re.findall(r"\d+", str(getattr(trt, "__version__", ""))) + ["0", "0"])[:2]
+    return int(major), int(minor)
 
 
 def require_tensorrt() -> ModuleType:
@@ -67,8 +67,9 @@ def require_tensorrt() -> ModuleType:
     if tensorrt_version(tensorrt)[0] != SUPPORTED_MAJOR:
         raise RuntimeUnavailable(
             f"TensorRT {getattr(tensorrt, '__version__', '?')} is installed, but mf-edge builds and runs "
-            f"engines with TensorRT {SUPPORTED_MAJOR}.x only (8.x/9.x lack its tensor API, 11 removed the "
-            "FP16/INT8 builder flags): pip install 'tensorrt>=10,<11' (on a Jetson: JetPack 6.1 or later).")
+            f"engines with TensorRT {SUPPORTED_MAJOR}.x only (8.x/9.x networks are implicit-batch without "
+            "EXPLICIT_BATCH, 11 removed the FP16/INT8 builder flags): pip install 'tensorrt>=10,<11' (on a "
+            "Jetson: JetPack 6.1 or later).")
     return tensorrt
 
 

@@ -761,3 +761,49 @@ def test_engine_cli_false_set_input_shape_is_one_error_line(fake_trt: FakeTensor
     assert code == UserError.exit_code
     assert output.strip().startswith("error: the engine refused input shape (1, 3, 8, 8)"), output
     assert len(output.strip().splitlines()) == 1 and "Traceback" not in output
+
+
+# --- the checks that need no TensorRT (so that every line of converters/tensorrt.py runs in CI) ----------
+def test_onnx_files_mf_edge_cannot_build_from(tmp_path: Path) -> None:
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])
+    mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 3, 8, 8])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8, 8])
+    add = helper.make_node("Add", ["image", "mask"], ["out"])
+    two = helper.make_graph([add], "two", [image, mask], [out])
+    onnx.save(helper.make_model(two), tmp_path / "two.onnx")
+    with pytest.raises(UserError, match="has 2 inputs; mf-edge engines take one image batch input"):
+        plan_engine(tmp_path / "two.onnx")
+    flat = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 192])
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["out"])], "flat", [flat],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 192])])
+    onnx.save(helper.make_model(graph), tmp_path / "flat.onnx")
+    with pytest.raises(UserError, match=r"has shape \(1, 192\); expected \[batch, 3, H, W\]"):
+        plan_engine(tmp_path / "flat.onnx")
+    with pytest.raises(UserError, match=r"needs 1 <= opt \(5\) <= max \(4\)"):
+        plan_engine(write_pool_onnx(tmp_path / "dynamic.onnx", batch="batch"), max_batch=4, opt_batch=5)
+
+
+def test_a_failed_write_leaves_no_partial_engine(fake_trt: FakeTensorRT, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches: a half-written engine or temporary file left where the engine should be."""
+    plan = plan_engine(write_pool_onnx(tmp_path / "model.onnx"))
+
+    def full_disk(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trt_target.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        build_engine(plan, tmp_path / "out" / ENGINE_FILE)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_tensorrt_target_refuses_weight_only_int8(tmp_path: Path) -> None:
+    from mf_edge import create_model
+    from mf_edge.converters import get_target
+    from mf_edge.spec import ExportSpec
+
+    model = create_model("identityformer_s12", image_size=32, num_classes=10)
+    spec = ExportSpec.for_model(model.mf_edge_info, image_size=32, precision="w8")
+    with pytest.raises(UserError, match="supports fp16, fp32, int8, not 'w8'"):
+        get_target("tensorrt").export(model, spec, tmp_path)
+    assert not any(tmp_path.iterdir())
