@@ -49,6 +49,10 @@ def resolve_device(device: str | None) -> torch.device:
         raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N.") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for CUDA, which this host lacks; use --device cpu.")
+    count = torch.cuda.device_count() if resolved.type == "cuda" else 0
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= count:
+        raise UserError(f"--device {device} asks for GPU {resolved.index}, but this host has {count} "
+                        f"(cuda:0 to cuda:{count - 1}); pick one of those.")
     return resolved
 
 

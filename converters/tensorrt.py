@@ -8,12 +8,18 @@ itself (a Jetson, a GPU server). ``convert --target tensorrt`` builds the engine
 The build goes through one description, ``EnginePlan`` (precision flags, workspace limit, timing
 cache, profile), made by ``plan_engine`` without TensorRT, then applied by ``build_engine`` with the
 TensorRT 10 Python API. ``TensorRTRuntime`` runs an engine with the tensor API (``set_input_shape``,
-``set_tensor_address``, ``execute_async_v3``) on torch CUDA buffers.
+``set_tensor_address``, ``execute_async_v3``) on torch CUDA buffers and a stream of its own.
+
+Only TensorRT 10.x is supported: on 8.x and 9.x a network made without ``EXPLICIT_BATCH`` (deprecated and
+implied in 10) is implicit-batch, and 11 removed the FP16/INT8 builder flags. From 10.12 (where NVIDIA
+deprecated weak typing) an int8 engine is built from a strongly typed network: the Q/DQ nodes alone decide
+what runs in int8, as NVIDIA's explicit-quantization guide recommends.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -37,18 +43,34 @@ ENGINE_PRECISIONS = ("fp16", "fp32", "int8")
 DEFAULT_MAX_BATCH = 8
 INSTALL_HINT = "pip install '.[tensorrt]' on the NVIDIA device (on a Jetson, JetPack's python3-libnvinfer)"
 
+SUPPORTED_MAJOR = 10
+STRONGLY_TYPED_INT8_FROM = (10, 12)  # weak typing (the precision builder flags) is deprecated from here
+DEVICE = torch.device("cuda")  # where the engine's input and output buffers live
+
 # Builder flags per engine precision: fp16 lets TensorRT pick fp16 kernels; int8 runs the Q/DQ
-# (explicitly quantized) layers in int8 and the rest in fp16 where faster.
+# (explicitly quantized) layers in int8 and the rest in fp16 where faster (weakly typed TensorRT < 10.12).
 BUILDER_FLAGS = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}
 
 
+def tensorrt_version(trt: ModuleType) -> tuple[int, int]:
+    """``(major, minor)`` of the imported ``tensorrt`` (``"10.12.0.36"`` -> ``(10, 12)``)."""
+    major, minor = (re.findall(r"\d+", str(getattr(trt, "__version__", ""))) + ["0", "0"])[:2]
+    return int(major), int(minor)
+
+
 def require_tensorrt() -> ModuleType:
-    """The ``tensorrt`` module, or ``RuntimeUnavailable`` saying how to install it."""
+    """The ``tensorrt`` module (10.x), or ``RuntimeUnavailable`` saying what to install."""
     try:
         import tensorrt
     except ImportError:
         raise RuntimeUnavailable(f"TensorRT is not installed here: {INSTALL_HINT}, then run this "
                                  "command there.") from None
+    if tensorrt_version(tensorrt)[0] != SUPPORTED_MAJOR:
+        raise RuntimeUnavailable(
+            f"TensorRT {getattr(tensorrt, '__version__', '?')} is installed, but mf-edge builds and runs "
+            f"engines with TensorRT {SUPPORTED_MAJOR}.x only (8.x/9.x networks are implicit-batch without "
+            "EXPLICIT_BATCH, 11 removed the FP16/INT8 builder flags): pip install 'tensorrt>=10,<11' (on a "
+            "Jetson: JetPack 6.1 or later).")
     return tensorrt
 
 
@@ -200,12 +222,17 @@ def build_engine(plan: EnginePlan, output: Path) -> dict[str, Any]:
     """Build and serialize the engine ``plan`` describes into ``output`` (atomically); return build facts.
 
     Needs TensorRT 10 and a CUDA GPU (``RuntimeUnavailable`` otherwise); also updates the timing cache.
+    An int8 plan on TensorRT >= 10.12 builds a strongly typed network without precision flags.
     """
     trt = require_tensorrt()
     require_cuda()
+    strongly_typed = plan.precision == "int8" and tensorrt_version(trt) >= STRONGLY_TYPED_INT8_FROM
+    builder_flags = () if strongly_typed else plan.builder_flags
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    # Explicit batch is the only mode in TensorRT 10; the one creation flag left to choose is strong typing.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+                                     if strongly_typed else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(plan.onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -213,15 +240,15 @@ def build_engine(plan: EnginePlan, output: Path) -> dict[str, Any]:
     config = builder.create_builder_config()
     if plan.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
-    for flag in plan.builder_flags:
+    for flag in builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
     if plan.profile is not None:
         profile = builder.create_optimization_profile()
         profile.set_shape(plan.input_name, *plan.profile)
-        config.add_optimization_profile(profile)
-    cache_bytes = plan.timing_cache.read_bytes() if plan.timing_cache and plan.timing_cache.exists() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+        if config.add_optimization_profile(profile) < 0:
+            raise UserError(f"TensorRT rejected the batch profile {plan.describe()['profile']}; "
+                            "check --max-batch.")
+    _attach_timing_cache(config, plan.timing_cache)
     started = time.perf_counter()
     with step(f"building the TensorRT engine ({plan.precision})"):
         serialized = builder.build_serialized_network(network, config)
@@ -238,18 +265,47 @@ def build_engine(plan: EnginePlan, output: Path) -> dict[str, Any]:
         "build_seconds": round(time.perf_counter() - started, 1),
         "size_bytes": Path(output).stat().st_size,
         **plan.describe(),
+        "builder_flags": list(builder_flags),
+        "strongly_typed": strongly_typed,
     }
 
 
-def _torch_dtype(trt: ModuleType, dtype: Any) -> torch.dtype:
-    return {trt.float32: torch.float32, trt.float16: torch.float16, trt.int8: torch.int8,
-            trt.int32: torch.int32, trt.bool: torch.bool}[dtype]
+def _attach_timing_cache(config: Any, path: Path | None) -> None:
+    """Give ``config`` the timing cache at ``path`` (if any), or a new one where that cache does not fit.
+
+    A cache written on another GPU or TensorRT version fails TensorRT's check (``ignore_mismatch=False``):
+    it is then noted and replaced by a new cache, which the build fills and ``build_engine`` writes back.
+    """
+    data = path.read_bytes() if path is not None and path.exists() else b""
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    if data:
+        note(f"the timing cache {path} was made on another GPU or TensorRT version; starting a new one "
+             "(it replaces that file after the build)")
+        cache = config.create_timing_cache(b"")
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return
+    raise UserError("TensorRT could not create a timing cache (see its log above); check the TensorRT "
+                    "install, or build without --timing-cache.")
+
+
+def _torch_dtype(trt: ModuleType, dtype: Any, tensor: str) -> torch.dtype:
+    """The torch dtype of an engine tensor; types mf-edge cannot hold in torch are a ``UserError``."""
+    known = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+             trt.int8: torch.int8, trt.uint8: torch.uint8, trt.int32: torch.int32, trt.int64: torch.int64,
+             trt.bool: torch.bool}
+    if dtype not in known:
+        raise UserError(f"the engine's tensor {tensor!r} has TensorRT type {dtype}, which mf-edge cannot "
+                        "feed; rebuild the engine from the model.onnx of `mf-edge convert`.")
+    return known[dtype]
 
 
 class TensorRTRuntime:
     """A deserialized engine run on the GPU; ``run`` takes the normalised batch, returns float32 logits.
 
-    A fixed-batch engine runs a batch of another size in chunks of its own batch (the last one padded).
+    The batch runs in chunks the engine accepts: a fixed-batch engine's own batch (the last chunk padded),
+    or at most its optimisation profile's max batch (padded up to the profile's min where smaller).
     """
 
     name = "tensorrt"
@@ -275,32 +331,45 @@ class TensorRTRuntime:
             raise UserError(f"{engine_path} has inputs {inputs} and outputs {outputs}; expected one of each.")
         self.input_name, self.output_name = inputs[0], outputs[0]
         self.input_shape = tuple(self.engine.get_tensor_shape(self.input_name))
+        self.input_dtype, self.output_dtype = (_torch_dtype(trt, self.engine.get_tensor_dtype(name), name)
+                                               for name in (self.input_name, self.output_name))
+        if self.fixed_batch is not None:
+            self.batch_range = (self.fixed_batch,) * 3
+        else:  # profile 0, the one a new execution context uses: (min, opt, max) input shapes
+            shapes = self.engine.get_tensor_profile_shape(self.input_name, 0)
+            self.batch_range = tuple(int(shape[0]) for shape in shapes)
+        # TensorRT synchronises the whole device around work on the default stream: use a stream of our own.
+        self.stream = torch.cuda.Stream()
 
     @property
     def fixed_batch(self) -> int | None:
         return self.input_shape[0] if self.input_shape[0] > 0 else None
 
     def _run_chunk(self, chunk: torch.Tensor) -> torch.Tensor:
-        engine, context = self.engine, self.context
-        x = chunk.to("cuda", _torch_dtype(self._trt, engine.get_tensor_dtype(self.input_name))).contiguous()
-        context.set_input_shape(self.input_name, tuple(x.shape))
-        out = torch.empty(tuple(context.get_tensor_shape(self.output_name)), device="cuda",
-                          dtype=_torch_dtype(self._trt, engine.get_tensor_dtype(self.output_name)))
-        context.set_tensor_address(self.input_name, x.data_ptr())
-        context.set_tensor_address(self.output_name, out.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise UserError("TensorRT failed to run the engine (see its log above).")
-        stream.synchronize()
+        context = self.context
+        with torch.cuda.stream(self.stream):
+            x = chunk.to(DEVICE, self.input_dtype).contiguous()
+            if not context.set_input_shape(self.input_name, tuple(x.shape)):
+                low, _, high = self.batch_range
+                raise UserError(f"the engine refused input shape {tuple(x.shape)}: it takes batches of {low} "
+                                f"to {high} of {tuple(self.input_shape[1:])}; rebuild it for this input.")
+            out = torch.empty(tuple(context.get_tensor_shape(self.output_name)), device=DEVICE,
+                              dtype=self.output_dtype)
+            for name, tensor in ((self.input_name, x), (self.output_name, out)):
+                if not context.set_tensor_address(name, tensor.data_ptr()):
+                    raise UserError(f"TensorRT refused the buffer of {name!r} (see its log above).")
+            if not context.execute_async_v3(self.stream.cuda_stream):
+                raise UserError("TensorRT failed to run the engine (see its log above).")
+        self.stream.synchronize()
         return out.float().cpu()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        size = self.fixed_batch or len(x)
+        low, _, high = self.batch_range
         results = []
-        for start in range(0, len(x), size):
-            chunk = x[start:start + size]
-            padded = torch.cat([chunk, chunk.new_zeros((size - len(chunk), *chunk.shape[1:]))])
+        for start in range(0, len(x), high):
+            chunk = x[start:start + high]
+            padded = torch.cat([chunk, chunk.new_zeros((max(low - len(chunk), 0), *chunk.shape[1:]))])
             results.append(self._run_chunk(padded)[:len(chunk)])
         return torch.cat(results).numpy()
 

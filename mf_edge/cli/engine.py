@@ -12,6 +12,7 @@ from rich.table import Table
 
 from mf_edge.cli import app
 from mf_edge.cli.convert import check_top
+from mf_edge.console import note
 from mf_edge.converters.tensorrt import DEFAULT_MAX_BATCH, TensorRTRuntime, build_engine, plan_engine
 from mf_edge.errors import UserError
 from mf_edge.models.zoo import IMAGENET_MEAN, IMAGENET_STD, get_model_info
@@ -39,7 +40,8 @@ def build_command(
     plan = plan_engine(onnx, precision, workspace, timing_cache, max_batch)
     target = output or onnx.with_suffix(".engine")
     facts = build_engine(plan, target)
-    Console().print(f"built {target} ({facts['size_bytes'] / 2**20:.1f} MiB, {precision}, TensorRT "
+    typing = ", strongly typed" if facts["strongly_typed"] else ""
+    Console().print(f"built {target} ({facts['size_bytes'] / 2**20:.1f} MiB, {precision}{typing}, TensorRT "
                     f"{facts['tensorrt_version']} on {facts['device']}) in {facts['build_seconds']} s")
 
 
@@ -67,13 +69,16 @@ def run_command(
     if model is not None:
         get_model_info(model)  # an unknown name fails here, before the engine loads
     runtime = TensorRTRuntime(engine)
-    batch_size = runtime.fixed_batch or 1
+    _, opt, high = runtime.batch_range
+    batch_size = runtime.fixed_batch or opt  # a dynamic engine's random batch: the size it was tuned for
     if random:
         names = [f"random[{i}]" for i in range(batch_size)]
         shape = (batch_size, *runtime.input_shape[1:])
         batch = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     else:
         names, batch = [str(p) for p in images], _image_batch(images, runtime.input_shape[-1], model)
+    if len(batch) > high:
+        note(f"{len(batch)} images run in chunks of {high}, the engine's largest batch")
     logits = runtime.run(batch)
     timings = []
     for _ in range(max(1, repeat)):

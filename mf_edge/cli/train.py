@@ -21,7 +21,7 @@ def train_command(
     lr: float = typer.Option(5e-4, help="Peak AdamW learning rate."),
     weight_decay: float = typer.Option(0.05, help="AdamW weight decay (not applied to norms and biases)."),
     image_size: int = typer.Option(None, help="Training and validation image size (default: the model's)."),
-    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
     amp: bool = typer.Option(False, "--amp", help="Mixed precision on CUDA (bf16, else fp16 + scaling)."),
     qat: bool = typer.Option(False, "--qat", help="Quantization-aware training for --target's int8 scheme."),
     target: str = typer.Option(None, help="With --qat: the deployment target (executorch, onnx, ...)."),

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mf_edge.console import note
 from mf_edge.errors import UserError
 from mf_edge.paths import not_a_file
 from mf_edge.publish import partial_file
@@ -54,8 +55,17 @@ def restore_rng(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    restore_cuda_rng(state["cuda"])
+
+
+def restore_cuda_rng(states: list[torch.Tensor]) -> None:
+    """Put back the CUDA generators of the GPUs this host has; say so when the checkpoint holds more."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, rng in enumerate(states[:count]):
+        torch.cuda.set_rng_state(rng, index)
+    if len(states) > count:
+        note(f"the checkpoint holds the CUDA random state of {len(states)} GPU(s) and this host has {count}: "
+             f"restored {min(count, len(states))}, so CUDA random draws may differ from an uninterrupted run")
 
 
 def save_checkpoint(payload: dict, path: Path) -> Path:

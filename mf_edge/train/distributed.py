@@ -32,16 +32,30 @@ class Distributed:
         return self.world_size > 1
 
 
-def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
-    """``cuda`` (this process's GPU under torchrun) or ``cpu``; ``None`` picks CUDA when there is one."""
-    if requested is not None and requested not in DEVICES:
-        raise UserError(f"unknown device {requested!r}; choose one of {', '.join(DEVICES)}.")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible to PyTorch; "
+def resolve_device(requested: str | None, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
+    """``cuda``/``cuda:N`` or ``cpu``; ``None`` picks CUDA when there is one. Under torchrun each of the
+    ``local_world_size`` processes on this host takes the GPU of its local rank, one GPU each."""
+    kind, _, index = (requested or "").partition(":")
+    if requested is not None and (kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit()))):
+        raise UserError(f"unknown device {requested!r}; choose one of cpu, cuda or cuda:N.")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {requested} was asked for but no CUDA GPU is visible to PyTorch; "
                         "pass --device cpu or run on a host with an NVIDIA GPU.")
-    if requested == "cpu" or not torch.cuda.is_available():
+    if kind == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    count = torch.cuda.device_count()
+    if index:
+        if local_world_size > 1:
+            raise UserError(f"--device {requested} names one GPU, but torchrun gives each process the GPU of "
+                            "its local rank; pass --device cuda.")
+        if int(index) >= count:
+            raise UserError(f"--device {requested} asks for GPU {index}, but this host has {count} "
+                            f"(cuda:0 to cuda:{count - 1}); pick one of those.")
+        return torch.device("cuda", int(index))
+    if local_world_size > count:
+        raise UserError(f"torchrun started {local_world_size} processes on this host, which has {count} "
+                        f"GPU(s); NCCL needs one GPU per process: pass --nproc-per-node {count}.")
+    return torch.device("cuda", local_rank)
 
 
 def setup(requested_device: str | None) -> Distributed:
@@ -49,10 +63,11 @@ def setup(requested_device: str | None) -> Distributed:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(requested_device, local_rank)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    device = resolve_device(requested_device, local_rank, local_world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current device: where AMP, NCCL and bare "cuda" tensors go
     if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
                                 rank=rank, world_size=world_size)
     return Distributed(rank, local_rank, world_size, device)

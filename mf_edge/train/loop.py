@@ -30,17 +30,39 @@ class MixedPrecision:
             return nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
+    def describe(self) -> str:
+        """What the run computes in, for its first lines."""
+        if self.dtype is None:
+            return "float32"
+        if self.scaler is None:
+            return "AMP bf16 autocast"
+        return "AMP fp16 autocast with a gradient scaler"
+
 
 def mixed_precision(device: torch.device, enabled: bool) -> MixedPrecision:
-    """bf16 autocast where the GPU supports it, else fp16 with a ``GradScaler``; CUDA only."""
+    """bf16 autocast where the GPU computes bf16 natively, else fp16 with a ``GradScaler``; CUDA only.
+
+    Below compute capability 8.0 (T4, V100, Jetson Xavier) bf16 is only emulated, so those GPUs take fp16.
+    ``device`` must be the current CUDA device (``distributed.setup`` makes it so).
+    """
     if not enabled:
         return MixedPrecision()
     if device.type != "cuda":
         raise UserError("--amp needs a CUDA device (mixed precision is for GPU training); "
                         "drop --amp or pass --device cuda.")
-    if torch.cuda.is_bf16_supported():
+    if torch.cuda.is_bf16_supported(including_emulation=False):
         return MixedPrecision(torch.bfloat16)
     return MixedPrecision(torch.float16, torch.amp.GradScaler("cuda"))
+
+
+def describe_precision(precision: MixedPrecision, device: torch.device) -> str:
+    """One line on the precision a run took and why: the GPU's name and compute capability with AMP."""
+    if precision.dtype is None or device.type != "cuda":
+        return f"precision: {precision.describe()}"
+    major, minor = torch.cuda.get_device_capability(device)
+    native = "native bf16" if precision.scaler is None else "no native bf16"
+    return (f"precision: {precision.describe()} ({torch.cuda.get_device_name(device)}, compute capability "
+            f"{major}.{minor}: {native})")
 
 
 @dataclass

@@ -29,7 +29,14 @@ from mf_edge.train.checkpoint import (
 )
 from mf_edge.train.config import TrainConfig
 from mf_edge.train.data import ImageData, load_image_data, seed_epoch, train_loader, val_loader
-from mf_edge.train.loop import EpochStats, evaluate, mixed_precision, steps_in_epoch, train_one_epoch
+from mf_edge.train.loop import (
+    EpochStats,
+    describe_precision,
+    evaluate,
+    mixed_precision,
+    steps_in_epoch,
+    train_one_epoch,
+)
 from mf_edge.train.metrics import plot, write_csv
 from mf_edge.train.optim import build_optimizer, build_scheduler
 
@@ -83,6 +90,8 @@ class _Run:
         self.scheduler = build_scheduler(self.optimizer, config.epochs * self.steps,
                                          round(config.warmup_epochs * self.steps))
         self.precision = mixed_precision(context.device, config.amp)
+        if context.is_main and config.amp:
+            note(describe_precision(self.precision, context.device))
         self.ema = None
         if config.ema_decay:
             averaging = get_ema_multi_avg_fn(config.ema_decay)
