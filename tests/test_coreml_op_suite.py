@@ -79,7 +79,7 @@ FAST = {
     "iOS16.test_scatter_gather": {"TestGather": ["test_builder_to_backend_smoke"]},  # batch_dims
     "iOS17.test_reduction": {"TestReduction": ["test_reduce_arg_ios17_output_dtype"]},
     "iOS17.test_tensor_transformation": {"TestReshape": ["test_reshape_with_zero_different_len_iOS17"]},
-    "iOS18.test_compression": {"TestConstexprBlockwiseDequantize": ["test_builder_to_backend_stress"]},  # int4
+    "iOS18.test_compression": {"TestConstexprBlockwiseDequantize": ["test_builder_to_backend_stress"]},
 }
 
 #: Node-id patterns (``fnmatch``) of tests that must fail here, with the reason.

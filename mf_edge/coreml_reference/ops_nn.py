@@ -291,6 +291,20 @@ def l2_norm(x: np.ndarray, epsilon: Any = 1e-6) -> np.ndarray:
     return x / np.sqrt(np.square(x).sum(axis=dims, keepdims=True) + np.float32(as_float(epsilon)))
 
 
+@kernel("local_response_norm")
+def local_response_norm(x: np.ndarray, size: Any, alpha: Any = 1e-4, beta: Any = 0.75,
+                        k: Any = 1.0) -> np.ndarray:
+    """``x / (k + alpha / size * sum(x^2 over size neighbouring channels)) ^ beta``; the window of
+    channel c spans ``c - size // 2 .. c + (size - 1) // 2``."""
+    n = as_int(size)
+    squares = np.square(x.astype(np.float64))
+    padded = np.pad(squares, [(0, 0), (n // 2, (n - 1) // 2)] + [(0, 0)] * (x.ndim - 2))
+    cumulative = np.concatenate([np.zeros_like(padded[:, :1]), np.cumsum(padded, axis=1)], axis=1)
+    window = cumulative[:, n:] - cumulative[:, :-n]
+    scale = (as_float(k) + as_float(alpha) / n * window) ** as_float(beta)
+    return (x / scale).astype(np.float32)
+
+
 @kernel("softmax")
 def softmax(x: np.ndarray, axis: Any = -1) -> np.ndarray:
     """``exp(x) / sum(exp(x), axis)`` (max-shifted)."""

@@ -142,6 +142,36 @@ def gather(x: np.ndarray, indices: np.ndarray, axis: np.ndarray | int = 0,
     return np.stack(out).reshape(*lead, *out[0].shape)
 
 
+@kernel("gather_nd")
+def gather_nd(x: np.ndarray, indices: np.ndarray, validate_indices: Any = None,
+              batch_dims: Any = 0) -> np.ndarray:
+    """``x[indices[..., 0], ..., indices[..., K - 1]]`` (slices of the remaining dimensions); with
+    ``batch_dims`` b (iOS16) the first b dimensions of ``x`` and ``indices`` are paired."""
+    index = np.asarray(indices).astype(np.int64)
+    batch = as_int(batch_dims)
+    lead = x.shape[:batch]
+    out = []
+    for b in np.ndindex(*lead):
+        data, where = x[b], index[b]
+        depth = where.shape[-1]
+        where = np.where(where < 0, where + np.asarray(data.shape[:depth]), where)
+        out.append(data[tuple(np.moveaxis(where, -1, 0))])
+    return np.stack(out).reshape(*lead, *out[0].shape)
+
+
+@kernel("reshape_like")
+def reshape_like(x: np.ndarray, ref_tensors: Any, begins: Any, ends: Any, end_masks: Any) -> np.ndarray:
+    """Reshape to the concatenated ``ref_tensors[i].shape[begins[i]:ends[i]]`` (to the end when
+    ``end_masks[i]``)."""
+    shape: list[int] = []
+    refs = as_list(ref_tensors)
+    for ref, begin, end, to_end in zip(refs, as_ints(begins), as_ints(ends),
+                                       [bool(m) for m in np.asarray(end_masks).reshape(-1)], strict=True):
+        dims = np.shape(ref)
+        shape.extend(dims[begin:] if to_end else dims[begin:end])
+    return x.reshape(shape)
+
+
 @kernel("shape")
 def shape(x: np.ndarray) -> np.ndarray:
     return np.asarray(np.shape(x), dtype=np.int32)
