@@ -141,11 +141,47 @@ def test_quantization_ops_match_torch() -> None:
 
 def test_registry_names_unknown_ops_and_parameters() -> None:
     assert {"conv", "linear", "layer_norm", "quantize", "constexpr_affine_dequantize"} <= set(supported_ops())
-    with pytest.raises(UnsupportedOpError, match="unsupported op cumsum") as info:
-        get_kernel("cumsum")
-    assert info.value.op_type == "cumsum" and isinstance(info.value, RuntimeUnavailable)
+    with pytest.raises(UnsupportedOpError, match="unsupported op band_part") as info:
+        get_kernel("band_part")
+    assert info.value.op_type == "band_part" and isinstance(info.value, RuntimeUnavailable)
     with pytest.raises(UnsupportedOpError, match="parameter frobnicate"):
         get_kernel("relu", ["x", "frobnicate"])
+
+
+@pytest.mark.parametrize(("data_type", "nbits", "dtype"), [
+    ("INT4", 4, np.int8), ("UINT4", 4, np.uint8), ("UINT1", 1, np.uint8), ("UINT2", 2, np.uint8),
+    ("UINT3", 3, np.uint8), ("UINT6", 6, np.uint8),
+])
+def test_packed_sub_byte_immediates_unpack_as_coremltools_packs(data_type: str, nbits: int, dtype) -> None:
+    """Sub-byte immediates (4-bit ``constexpr_blockwise_shift_scale`` data) decode to the values
+    coremltools packed, sign included (a lost int4 sign or a wrong bit order fails)."""
+    from coremltools.optimize._utils import pack_elements_into_bits
+
+    from mf_edge.coreml_reference.values import DataType, unpack_bits
+
+    low, high = (-(1 << (nbits - 1)), 1 << (nbits - 1)) if dtype == np.int8 else (0, 1 << nbits)
+    values = np.random.default_rng(nbits).integers(low, high, 37).astype(dtype)
+    packed = pack_elements_into_bits(values, nbits).tobytes()
+    np.testing.assert_array_equal(unpack_bits(packed, getattr(DataType, data_type), values.size), values)
+
+
+def test_every_claimed_op_takes_every_parameter_of_its_spec() -> None:
+    """Each claimed op's kernel accepts every parameter of every opset version coremltools defines for it
+    (iOS15-18), so no claimed op refuses a valid program's parameter (as iOS17 ``reduce_argmax``'s
+    ``output_dtype`` once was); every claimed op is a real MIL op."""
+    from coremltools.converters.mil.mil import Builder  # noqa: F401  (importing registers the ops)
+    from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
+
+    refused = {}
+    for op_type in supported_ops():
+        assert op_type in SSAOpRegistry.core_ops, f"{op_type} is no MIL op"
+        for opset, op_class in SSAOpRegistry.core_ops[op_type].items():
+            params = set(op_class.input_spec.input_types)
+            try:
+                get_kernel(op_type, params)
+            except UnsupportedOpError as exc:
+                refused[f"{op_type} ({opset})"] = exc.detail
+    assert not refused
 
 
 # -- small saved programs ---------------------------------------------------------------------------
@@ -187,12 +223,12 @@ def test_unknown_op_in_a_saved_program_raises(tmp_path: Path) -> None:
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3))])
     def program(x):
-        return mb.cumsum(x=mb.relu(x=x), axis=1)
+        return mb.band_part(x=mb.relu(x=x), lower=0, upper=0)
 
-    path = save(ct.convert(program, convert_to="mlprogram"), tmp_path / "cumsum.mlpackage")
-    with pytest.raises(UnsupportedOpError, match="cumsum") as info:
+    path = save(ct.convert(program, convert_to="mlprogram"), tmp_path / "band_part.mlpackage")
+    with pytest.raises(UnsupportedOpError, match="band_part") as info:
         load_reference(path)
-    assert info.value.op_type == "cumsum"
+    assert info.value.op_type == "band_part"
 
 
 def test_image_input_channel_order_and_shapes(tmp_path: Path) -> None:

@@ -3,8 +3,10 @@
 An image input takes 8-bit RGB pixels ``[B, H, W, 3]`` or ``[H, W, 3]`` (grayscale: ``[B, H, W]``),
 laid out as the ``[1, C, H, W]`` float tensor Core ML hands the program (channels reversed for a BGR
 model; the ImageType scale and bias are ops at the top of the program, so they run there). Other
-inputs are arrays cast to the declared dtype (fp16 ones are rounded by the interpreter). A program
-whose batch is fixed at 1 gets one feed per sample, as Core ML's batch prediction does.
+inputs are arrays cast to the declared dtype (fp16 ones are rounded by the interpreter). Inputs of the
+declared shapes run as given (their first dimensions may differ: a mask, a weight, an index); a batch
+of B samples for a program whose every input's batch is fixed at 1 gets one feed per sample, as Core
+ML's batch prediction does.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ def _checked(value: np.ndarray, spec: ProgramInput) -> np.ndarray:
     return value
 
 
+def _fits(shape: tuple[int, ...], declared: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(declared) and all(want is None or got == want
+                                               for got, want in zip(shape, declared, strict=True))
+
+
 def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("?" if dim is None else str(dim) for dim in shape) + "]"
 
@@ -75,16 +82,16 @@ def program_feeds(specs: tuple[ProgramInput, ...],
                 value = value[None]
         dtype = numpy_dtype(spec.data_type, spec.name)
         # fp16 inputs stay float32 here: the interpreter rounds them and reports what the rounding lost.
-        tensors[spec.name] = _checked(value, spec).astype(np.float32 if dtype == np.float16 else dtype,
-                                                          copy=False)
-    batches = {value.shape[0] for value in tensors.values() if value.ndim}
-    if len(batches) > 1:
-        raise UserError(f"inputs disagree on the batch size ({sorted(batches)}); pass equal batches.")
-    batch = batches.pop() if batches else 1
-    fixed_single = all(spec.shape and spec.shape[0] == 1 for spec in specs)
-    if batch > 1 and fixed_single:
-        return [{name: value[i:i + 1] for name, value in tensors.items()} for i in range(batch)]
+        tensors[spec.name] = value.astype(np.float32 if dtype == np.float16 else dtype, copy=False)
+    if all(_fits(tensors[spec.name].shape, spec.shape) for spec in specs):
+        return [tensors]  # the shapes the program declares: one run, whatever the first dimensions
     for spec in specs:
-        if spec.shape and spec.shape[0] is not None and spec.shape[0] != batch:
-            raise UserError(f"input {spec.name!r} takes a batch of {spec.shape[0]}, got {batch}.")
-    return [tensors]
+        _checked(tensors[spec.name], spec)
+    batches = {value.shape[0] for value in tensors.values() if value.ndim}
+    if len(batches) == 1 and all(spec.shape and spec.shape[0] == 1 for spec in specs):
+        batch = batches.pop()
+        return [{name: value[i:i + 1] for name, value in tensors.items()} for i in range(batch)]
+    spec = next(spec for spec in specs if not _fits(tensors[spec.name].shape, spec.shape))
+    raise UserError(f"input {spec.name!r} has shape {list(tensors[spec.name].shape)}, the model expects "
+                    f"{_shape_text(spec.shape)}; pass the declared shape (a batch of B samples where every "
+                    "input's batch is fixed at 1).")

@@ -15,6 +15,7 @@ from typing import Any
 from coremltools.proto import MIL_pb2
 
 from mf_edge.coreml_reference.errors import UnsupportedOpError
+from mf_edge.coreml_reference.registry import get_kernel
 from mf_edge.coreml_reference.values import BlobFiles, decode_value, tensor_shape
 from mf_edge.errors import RuntimeUnavailable, UserError
 
@@ -88,6 +89,7 @@ def _binding(binding: MIL_pb2.Argument.Binding, blobs: BlobFiles, what: str) -> 
 
 
 def _operation(op: MIL_pb2.Operation, blobs: BlobFiles) -> Operation:
+    get_kernel(op.type)  # an unknown op is named as such before its values are decoded
     if len(op.blocks):
         raise UnsupportedOpError(op.type, "control flow with nested blocks")
     name = op.outputs[0].name if op.outputs else op.type

@@ -6,6 +6,8 @@ Semantics from ``coremltools/converters/mil/mil/ops/defs/iOS15/elementwise_binar
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from mf_edge.coreml_reference.registry import as_float, kernel
@@ -56,6 +58,13 @@ _UNARY = {
     "tanh": np.tanh,
     "sin": np.sin,
     "cos": np.cos,
+    "tan": np.tan,
+    "asin": np.arcsin,
+    "acos": np.arccos,
+    "atan": np.arctan,
+    "sinh": np.sinh,
+    "cosh": np.cosh,
+    "atanh": np.arctanh,
     "logical_not": np.logical_not,
     "relu": lambda x: np.maximum(x, 0).astype(x.dtype),
     "relu6": lambda x: np.clip(x, 0, 6).astype(x.dtype),
@@ -123,7 +132,68 @@ def gelu(x: np.ndarray, mode: str = "EXACT") -> np.ndarray:
         return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
     if mode == "SIGMOID_APPROXIMATION":
         return x / (1.0 + np.exp(-1.702 * x))
-    from math import erf
+    return (0.5 * x * (1.0 + _erf(np.asarray(x, np.float64) / np.sqrt(2.0)))).astype(np.float32)
 
-    erf_values = np.vectorize(erf, otypes=[np.float64])(np.asarray(x, np.float64) / np.sqrt(2.0))
-    return (0.5 * x * (1.0 + erf_values)).astype(np.float32)
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+@kernel("erf")
+def erf(x: np.ndarray) -> np.ndarray:
+    return _erf(np.asarray(x, np.float64)).astype(np.float32)
+
+
+@kernel("threshold")
+def threshold(x: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``max(x, alpha)``."""
+    return np.maximum(x, alpha)
+
+
+@kernel("thresholded_relu")
+def thresholded_relu(x: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``x`` where ``x >= alpha``, else 0."""
+    return np.where(x >= alpha, x, 0).astype(x.dtype)
+
+
+@kernel("elu")
+def elu(x: np.ndarray, alpha: np.ndarray = 1.0) -> np.ndarray:
+    """``x`` where positive, else ``alpha * (exp(x) - 1)``."""
+    with np.errstate(all="ignore"):
+        return np.where(x > 0, x, alpha * np.expm1(x))
+
+
+def _per_channel(param: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A ``[C]`` parameter shaped to broadcast along axis 1 of ``x`` (a scalar stays as is)."""
+    param = np.asarray(param, dtype=np.float32)
+    return param if param.size == 1 else param.reshape([1, -1] + [1] * (x.ndim - 2))
+
+
+@kernel("prelu")
+def prelu(x: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``x`` where non-negative, else ``alpha[c] * x`` (``alpha`` per channel, axis 1)."""
+    return np.where(x >= 0, x, _per_channel(alpha, x) * x)
+
+
+@kernel("clamped_relu")
+def clamped_relu(x: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """``min(max(x, 0), beta) + min(min(x, 0) * alpha, beta)``."""
+    return np.minimum(np.maximum(x, 0), beta) + np.minimum(np.minimum(x, 0) * alpha, beta)
+
+
+@kernel("scaled_tanh")
+def scaled_tanh(x: np.ndarray, alpha: np.ndarray = 1.0, beta: np.ndarray = 1.0) -> np.ndarray:
+    """``alpha * tanh(beta * x)``."""
+    return alpha * np.tanh(beta * x)
+
+
+@kernel("linear_activation")
+def linear_activation(x: np.ndarray, alpha: np.ndarray, beta: np.ndarray = 0.0) -> np.ndarray:
+    """``alpha * x + beta``."""
+    return alpha * x + beta
+
+
+@kernel("softplus_parametric")
+def softplus_parametric(x: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """``alpha[c] * log(1 + exp(beta[c] * x))`` per channel (axis 1)."""
+    return _per_channel(alpha, x) * np.logaddexp(0, _per_channel(beta, x) * x)

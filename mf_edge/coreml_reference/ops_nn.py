@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from mf_edge.coreml_reference.registry import as_axes, as_bool, as_float, as_int, as_ints, kernel
+from mf_edge.coreml_reference.ops_tensor import CAST_DTYPES
+from mf_edge.coreml_reference.registry import as_axes, as_bool, as_float, as_int, as_ints, as_list, kernel
 
 # Convolution and pooling -------------------------------------------------------------------------
 
@@ -103,6 +104,57 @@ def conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, stri
     return out
 
 
+@kernel("conv_transpose")
+def conv_transpose(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, pad: Any = None,
+                   output_shape: Any = None, pad_type: str = "valid", strides: Any = None,
+                   dilations: Any = None, groups: Any = 1) -> np.ndarray:
+    """Transposed convolution ``[N, C_in, *D] -> [N, C_out, *D_out]``, weight ``[C_in, C_out / groups, *K]``.
+
+    Each input element scatters ``x * weight`` into the full output ``(D - 1) * stride + (K - 1) *
+    dilation + 1``, which is then cropped: ``custom`` by ``pad`` before/after, ``same`` to ``D * stride``
+    (the odd element cropped after), ``output_shape`` to its size (zeros appended where it is larger).
+    """
+    n, c_in = x.shape[:2]
+    kernel_sizes = list(weight.shape[2:])
+    rank = len(kernel_sizes)
+    group_count = as_int(groups)
+    per_group_in, per_group_out = c_in // group_count, weight.shape[1]
+    strides_l = as_ints(strides) if strides is not None else [1] * rank
+    dilations_l = as_ints(dilations) if dilations is not None else [1] * rank
+    sizes = list(x.shape[2:])
+    full = [(d - 1) * s + (k - 1) * dl + 1 for d, s, k, dl in zip(sizes, strides_l, kernel_sizes, dilations_l,
+                                                                   strict=True)]
+    out = np.zeros((n, group_count, per_group_out, *full), dtype=np.float32)
+    xg = x.reshape(n, group_count, per_group_in, -1)
+    w = weight.reshape(group_count, per_group_in, per_group_out, *kernel_sizes)
+    for offsets in itertools.product(*(range(k) for k in kernel_sizes)):
+        w_k = w[(..., *offsets)]  # [G, C_in/G, C_out/G]
+        contribution = np.einsum("ngcp,gco->ngop", xg, w_k).reshape(n, group_count, per_group_out, *sizes)
+        index = tuple(slice(o * dl, o * dl + (d - 1) * s + 1, s)
+                      for o, dl, s, d in zip(offsets, dilations_l, strides_l, sizes, strict=True))
+        out[(slice(None), slice(None), slice(None), *index)] += contribution
+    out = out.reshape(n, group_count * per_group_out, *full)
+    if pad_type == "custom" and pad is not None:
+        amounts = as_ints(pad)
+        crops = [(amounts[2 * i], amounts[2 * i + 1]) for i in range(rank)]
+    elif pad_type == "same":
+        crops = [((f - d * s) // 2, (f - d * s) - (f - d * s) // 2) if f > d * s else (0, 0)
+                 for f, d, s in zip(full, sizes, strides_l, strict=True)]
+    else:
+        crops = [(0, 0)] * rank
+    targets = [f - before - after for f, (before, after) in zip(full, crops, strict=True)]
+    if output_shape is not None:
+        targets = as_ints(output_shape)[2:]
+    index = tuple(slice(before, before + t) for (before, _), t in zip(crops, targets, strict=True))
+    out = out[(slice(None), slice(None), *index)]
+    missing = [(0, t - size) for t, size in zip(targets, out.shape[2:], strict=True)]
+    if any(extra for _, extra in missing):
+        out = np.pad(out, [(0, 0), (0, 0), *missing])
+    if bias is not None:
+        out = out + bias.reshape(1, -1, *([1] * rank))
+    return out
+
+
 def _pool(x: np.ndarray, kernel_sizes: Any, strides: Any, pad_type: str, pad: Any, ceil_mode: Any,
           fill: float, combine: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, Any]:
     sizes = as_ints(kernel_sizes)
@@ -163,6 +215,12 @@ def matmul(x: np.ndarray, y: np.ndarray, transpose_x: Any = False, transpose_y: 
     if as_bool(transpose_y) and y.ndim > 1:
         y = np.swapaxes(y, -1, -2)
     return np.matmul(x, y)
+
+
+@kernel("einsum")
+def einsum(values: Any, equation: str) -> np.ndarray:
+    """``np.einsum(equation, *values)``."""
+    return np.einsum(equation, *as_list(values))
 
 
 @kernel("scaled_dot_product_attention")
@@ -226,6 +284,27 @@ def instance_norm(x: np.ndarray, gamma: np.ndarray | None = None, beta: np.ndarr
     return out + beta.reshape(shape) if beta is not None else out
 
 
+@kernel("l2_norm")
+def l2_norm(x: np.ndarray, epsilon: Any = 1e-6) -> np.ndarray:
+    """``x / sqrt(sum(x^2) + epsilon)`` over the last three dimensions (the leading ones are batch)."""
+    dims = tuple(range(x.ndim - 3, x.ndim))
+    return x / np.sqrt(np.square(x).sum(axis=dims, keepdims=True) + np.float32(as_float(epsilon)))
+
+
+@kernel("local_response_norm")
+def local_response_norm(x: np.ndarray, size: Any, alpha: Any = 1e-4, beta: Any = 0.75,
+                        k: Any = 1.0) -> np.ndarray:
+    """``x / (k + alpha / size * sum(x^2 over size neighbouring channels)) ^ beta``; the window of
+    channel c spans ``c - size // 2 .. c + (size - 1) // 2``."""
+    n = as_int(size)
+    squares = np.square(x.astype(np.float64))
+    padded = np.pad(squares, [(0, 0), (n // 2, (n - 1) // 2)] + [(0, 0)] * (x.ndim - 2))
+    cumulative = np.concatenate([np.zeros_like(padded[:, :1]), np.cumsum(padded, axis=1)], axis=1)
+    window = cumulative[:, n:] - cumulative[:, :-n]
+    scale = (as_float(k) + as_float(alpha) / n * window) ** as_float(beta)
+    return (x / scale).astype(np.float32)
+
+
 @kernel("softmax")
 def softmax(x: np.ndarray, axis: Any = -1) -> np.ndarray:
     """``exp(x) / sum(exp(x), axis)`` (max-shifted)."""
@@ -263,10 +342,14 @@ for _op_type, _reduce in _REDUCERS.items():
 
 
 @kernel("reduce_argmax")
-def reduce_argmax(x: np.ndarray, axis: Any = -1, keep_dims: Any = False) -> np.ndarray:
-    return np.argmax(x, axis=as_int(axis), keepdims=as_bool(keep_dims)).astype(np.int32)
+def reduce_argmax(x: np.ndarray, axis: Any = -1, keep_dims: Any = False,
+                  output_dtype: str = "int32") -> np.ndarray:
+    """Index of the first maximum; ``output_dtype`` (iOS17) is the index dtype."""
+    return np.argmax(x, axis=as_int(axis), keepdims=as_bool(keep_dims)).astype(CAST_DTYPES[output_dtype])
 
 
 @kernel("reduce_argmin")
-def reduce_argmin(x: np.ndarray, axis: Any = -1, keep_dims: Any = False) -> np.ndarray:
-    return np.argmin(x, axis=as_int(axis), keepdims=as_bool(keep_dims)).astype(np.int32)
+def reduce_argmin(x: np.ndarray, axis: Any = -1, keep_dims: Any = False,
+                  output_dtype: str = "int32") -> np.ndarray:
+    """Index of the first minimum; ``output_dtype`` (iOS17) is the index dtype."""
+    return np.argmin(x, axis=as_int(axis), keepdims=as_bool(keep_dims)).astype(CAST_DTYPES[output_dtype])

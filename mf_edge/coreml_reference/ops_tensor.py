@@ -38,10 +38,12 @@ def cast(x: np.ndarray, dtype: str) -> np.ndarray:
 
 @kernel("reshape")
 def reshape(x: np.ndarray, shape: np.ndarray) -> np.ndarray:
-    """``0`` keeps the input's size of that dimension (when ranks match); ``-1`` is inferred."""
+    """``-1`` is inferred; ``0`` copies the input's dimension counted from the right (iOS17; the same as
+    iOS15's rule, which allows ``0`` only when the ranks match), or is 1 when there is none."""
     target = as_ints(shape)
-    if len(target) == x.ndim:
-        target = [x.shape[i] if size == 0 else size for i, size in enumerate(target)]
+    offset = x.ndim - len(target)
+    target = [size if size != 0 else (x.shape[i + offset] if i + offset >= 0 else 1)
+              for i, size in enumerate(target)]
     return x.reshape(target)
 
 
@@ -127,12 +129,47 @@ def stack(values: Any, axis: np.ndarray) -> np.ndarray:
 @kernel("gather")
 def gather(x: np.ndarray, indices: np.ndarray, axis: np.ndarray | int = 0,
            validate_indices: np.ndarray | None = None, batch_dims: np.ndarray | int = 0) -> np.ndarray:
-    """``np.take`` along ``axis`` (negative indices count from the end)."""
-    if as_int(batch_dims) != 0:
-        from mf_edge.coreml_reference.errors import UnsupportedOpError
+    """``np.take`` along ``axis`` (negative indices count from the end); with ``batch_dims`` b (iOS16,
+    as ``tf.gather``) the first b dimensions of ``x`` and ``indices`` are paired: the output is
+    ``x.shape[:axis] + indices.shape[b:] + x.shape[axis + 1:]``."""
+    index = np.asarray(indices).astype(np.int64)
+    dim = as_int(axis) % x.ndim
+    batch = as_int(batch_dims) % index.ndim if as_int(batch_dims) else 0
+    if batch == 0:
+        return np.take(x, index, axis=dim)
+    lead = x.shape[:batch]
+    out = [np.take(x[b], index[b], axis=dim - batch) for b in np.ndindex(*lead)]
+    return np.stack(out).reshape(*lead, *out[0].shape)
 
-        raise UnsupportedOpError("gather", "batch_dims > 0")
-    return np.take(x, np.asarray(indices).astype(np.int64), axis=as_int(axis))
+
+@kernel("gather_nd")
+def gather_nd(x: np.ndarray, indices: np.ndarray, validate_indices: Any = None,
+              batch_dims: Any = 0) -> np.ndarray:
+    """``x[indices[..., 0], ..., indices[..., K - 1]]`` (slices of the remaining dimensions); with
+    ``batch_dims`` b (iOS16) the first b dimensions of ``x`` and ``indices`` are paired."""
+    index = np.asarray(indices).astype(np.int64)
+    batch = as_int(batch_dims)
+    lead = x.shape[:batch]
+    out = []
+    for b in np.ndindex(*lead):
+        data, where = x[b], index[b]
+        depth = where.shape[-1]
+        where = np.where(where < 0, where + np.asarray(data.shape[:depth]), where)
+        out.append(data[tuple(np.moveaxis(where, -1, 0))])
+    return np.stack(out).reshape(*lead, *out[0].shape)
+
+
+@kernel("reshape_like")
+def reshape_like(x: np.ndarray, ref_tensors: Any, begins: Any, ends: Any, end_masks: Any) -> np.ndarray:
+    """Reshape to the concatenated ``ref_tensors[i].shape[begins[i]:ends[i]]`` (to the end when
+    ``end_masks[i]``)."""
+    shape: list[int] = []
+    refs = as_list(ref_tensors)
+    for ref, begin, end, to_end in zip(refs, as_ints(begins), as_ints(ends),
+                                       [bool(m) for m in np.asarray(end_masks).reshape(-1)], strict=True):
+        dims = np.shape(ref)
+        shape.extend(dims[begin:] if to_end else dims[begin:end])
+    return x.reshape(shape)
 
 
 @kernel("shape")
@@ -154,6 +191,121 @@ def pad(x: np.ndarray, pad: np.ndarray, mode: str = "constant", constant_val: An
     if mode == "constant":
         return np.pad(x, widths, mode="constant", constant_values=np.asarray(constant_val).item())
     return np.pad(x, widths, mode={"reflect": "reflect", "replicate": "edge"}[mode])
+
+
+@kernel("pixel_shuffle")
+def pixel_shuffle(x: np.ndarray, upscale_factor: Any) -> np.ndarray:
+    """``[N, C * f^2, H, W] -> [N, C, H * f, W * f]``, channel ``c * f^2 + i * f + j`` to pixel ``(i, j)``."""
+    f = as_int(upscale_factor)
+    n, c, h, w = x.shape
+    blocks = x.reshape(n, c // (f * f), f, f, h, w).transpose(0, 1, 4, 2, 5, 3)
+    return blocks.reshape(n, c // (f * f), h * f, w * f)
+
+
+@kernel("pixel_unshuffle")
+def pixel_unshuffle(x: np.ndarray, downscale_factor: Any) -> np.ndarray:
+    """The inverse of ``pixel_shuffle``: ``[N, C, H * f, W * f] -> [N, C * f^2, H, W]``."""
+    f = as_int(downscale_factor)
+    n, c, h, w = x.shape
+    blocks = x.reshape(n, c, h // f, f, w // f, f).transpose(0, 1, 3, 5, 2, 4)
+    return blocks.reshape(n, c * f * f, h // f, w // f)
+
+
+@kernel("depth_to_space")
+def depth_to_space(x: np.ndarray, block_size: Any) -> np.ndarray:
+    """``[N, C * b^2, H, W] -> [N, C, H * b, W * b]``, channel ``(i * b + j) * C + c`` to pixel ``(i, j)``
+    (depth-column-row order, as TensorFlow's ``depth_to_space``)."""
+    b = as_int(block_size)
+    n, c, h, w = x.shape
+    blocks = x.reshape(n, b, b, c // (b * b), h, w).transpose(0, 3, 4, 1, 5, 2)
+    return blocks.reshape(n, c // (b * b), h * b, w * b)
+
+
+@kernel("space_to_depth")
+def space_to_depth(x: np.ndarray, block_size: Any) -> np.ndarray:
+    """The inverse of ``depth_to_space``: ``[N, C, H * b, W * b] -> [N, C * b^2, H, W]``."""
+    b = as_int(block_size)
+    n, c, h, w = x.shape
+    blocks = x.reshape(n, c, h // b, b, w // b, b).transpose(0, 3, 5, 1, 2, 4)
+    return blocks.reshape(n, c * b * b, h // b, w // b)
+
+
+def _order(x: np.ndarray, axis: int, ascending: bool) -> np.ndarray:
+    """Stable sort order along ``axis`` (ties keep the lower index first)."""
+    keys = np.asarray(x, dtype=np.float64)
+    return np.argsort(keys if ascending else -keys, axis=axis, kind="stable")
+
+
+@kernel("topk")
+def topk(x: np.ndarray, k: Any = 1, axis: Any = -1, ascending: Any = False, sort: Any = True,
+         return_indices: Any = True, output_indices_dtype: str = "int32") -> Any:
+    """The ``k`` largest (smallest when ``ascending``) values along ``axis`` and their indices; ``k = -1``
+    takes all. The values are returned sorted whatever ``sort`` says (any order is allowed then)."""
+    dim = as_int(axis) % x.ndim
+    count = as_int(k)
+    order = _order(x, dim, as_bool(ascending))
+    if count != -1:
+        order = np.take(order, np.arange(count), axis=dim)
+    values = np.take_along_axis(x, order, axis=dim)
+    if not as_bool(return_indices):
+        return values
+    return values, order.astype(CAST_DTYPES[output_indices_dtype])
+
+
+@kernel("argsort")
+def argsort(x: np.ndarray, axis: Any = -1, ascending: Any = False) -> np.ndarray:
+    """Indices that sort ``x`` along ``axis`` (descending by default), stable."""
+    return _order(x, as_int(axis) % x.ndim, as_bool(ascending)).astype(np.int32)
+
+
+@kernel("cumsum")
+def cumsum(x: np.ndarray, axis: Any = 0, exclusive: Any = False, reverse: Any = False) -> np.ndarray:
+    """Cumulative sum along ``axis``; ``exclusive`` starts at 0, ``reverse`` sums from the end."""
+    dim = as_int(axis) % x.ndim
+    values = np.flip(x, dim) if as_bool(reverse) else x
+    total = np.cumsum(values, axis=dim, dtype=values.dtype)
+    if as_bool(exclusive):
+        total = total - values
+    return np.flip(total, dim) if as_bool(reverse) else total
+
+
+@kernel("select")
+def select(cond: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a`` where ``cond`` else ``b`` (broadcast)."""
+    return np.where(np.asarray(cond).astype(bool), a, b)
+
+
+@kernel("fill")
+def fill(shape: np.ndarray, value: Any = 0.0) -> np.ndarray:
+    return np.full(as_ints(shape), np.asarray(value))
+
+
+@kernel("range_1d")
+def range_1d(end: Any, start: Any, step: Any) -> np.ndarray:
+    """``[start, start + step, ...)`` up to ``end`` (exclusive)."""
+    return np.arange(np.asarray(start).item(), np.asarray(end).item(), np.asarray(step).item())
+
+
+@kernel("flatten2d")
+def flatten2d(x: np.ndarray, axis: Any = 1) -> np.ndarray:
+    """``[prod(shape[:axis]), prod(shape[axis:])]``."""
+    dim = as_int(axis) % x.ndim if x.ndim else 0
+    return x.reshape(int(np.prod(x.shape[:dim], dtype=np.int64)), -1)
+
+
+@kernel("reverse")
+def reverse(x: np.ndarray, axes: Any = None) -> np.ndarray:
+    """Reverse the order along ``axes`` (all axes by default)."""
+    return np.flip(x, as_axes(axes, x.ndim))
+
+
+@kernel("gather_along_axis")
+def gather_along_axis(x: np.ndarray, indices: np.ndarray, axis: Any = 0,
+                      validate_indices: Any = None) -> np.ndarray:
+    """``np.take_along_axis`` (negative indices count from the end)."""
+    dim = as_int(axis) % x.ndim
+    index = np.asarray(indices).astype(np.int64)
+    return np.take_along_axis(x, np.where(index < 0, index + x.shape[dim], index), axis=dim)
 
 
 @kernel("classify")

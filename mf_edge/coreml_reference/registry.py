@@ -56,7 +56,8 @@ def get_kernel(op_type: str, params: Iterable[str] = ()) -> Kernel:
 
 
 def supported_ops() -> list[str]:
-    """Every op type the executor implements."""
+    """Every op type the executor implements, each with every parameter of its MIL spec (iOS15-18;
+    ``tests/test_coreml_reference_ops.py`` checks the kernels against coremltools' op registry)."""
     _load_kernels()
     return sorted(KERNELS)
 

@@ -60,6 +60,27 @@ _BLOB_READERS = {
 }
 
 
+#: Sub-byte MIL dtypes: bits per element and whether they are signed.
+SUB_BYTE_BITS: dict[int, tuple[int, bool]] = {
+    DataType.INT4: (4, True),
+    DataType.UINT4: (4, False),
+    DataType.UINT1: (1, False),
+    DataType.UINT2: (2, False),
+    DataType.UINT3: (3, False),
+    DataType.UINT6: (6, False),
+}
+
+
+def unpack_bits(packed: bytes, data_type: int, count: int) -> np.ndarray:
+    """``count`` sub-byte integers packed least significant bit first (as MIL stores them)."""
+    nbits, signed = SUB_BYTE_BITS[data_type]
+    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), bitorder="little")[:count * nbits]
+    values = bits.reshape(count, nbits).astype(np.int16) @ (1 << np.arange(nbits, dtype=np.int16))
+    if signed:
+        values = np.where(values >= 1 << (nbits - 1), values - (1 << nbits), values)
+    return values.astype(np.int8 if signed else np.uint8)
+
+
 def dtype_name(data_type: int) -> str:
     """``FLOAT16`` etc. for a MIL ``DataType`` number."""
     return DataType.Name(data_type)
@@ -117,9 +138,9 @@ def _immediate_tensor(tensor: MIL_pb2.TensorValue, data_type: int, shape: tuple[
         values = list(tensor.strings.values)
         return values[0] if not shape and len(values) == 1 else np.array(values, dtype=object).reshape(shape)
     if kind == "bytes":
-        if data_type in (DataType.INT4, DataType.UINT4, DataType.UINT1, DataType.UINT2, DataType.UINT3,
-                         DataType.UINT6):
-            raise UnsupportedOpError(what, f"packed {dtype_name(data_type)} immediate")
+        if data_type in SUB_BYTE_BITS:
+            count = int(np.prod(shape, dtype=np.int64))
+            return unpack_bits(tensor.bytes.values, data_type, count).reshape(shape)
         flat = np.frombuffer(tensor.bytes.values, dtype=dtype)
     elif kind is None:
         flat = np.zeros(0, dtype=dtype)
