@@ -47,10 +47,12 @@ double milliseconds_since(std::chrono::steady_clock::time_point start) {
 Classifier::Classifier(const ModelFolder& folder, int threads) : folder_(folder) {
   executorch::runtime::register_pal(executorch::runtime::PalImpl::create(capture_log, __FILE__));
   if (threads > 0) executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(threads);
+  const auto start = std::chrono::steady_clock::now();
   module_ = std::make_unique<Module>(folder_.program, Module::LoadMode::Mmap);
   if (const Error error = module_->load_forward(); error != Error::Ok) {
     fail("cannot load " + folder_.program + "; convert the model again with this ExecuTorch version", error);
   }
+  load_ms_ = milliseconds_since(start);
   // A dynamic-batch program's input is planned for its largest batch: that is the size its meta reports.
   max_batch_ = folder_.input_shape[0];
   if (folder_.dynamic_batch) {
@@ -96,6 +98,7 @@ BatchResult Classifier::run(const float* batch, int64_t n, int warmup, int runs)
       result.logits.assign(data, data + n * folder_.num_classes);
     }
   }
+  result.latency.times_ms = times;
   std::sort(times.begin(), times.end());
   const size_t mid = times.size() / 2;
   result.latency.median_ms = times.size() % 2 ? times[mid] : (times[mid - 1] + times[mid]) / 2;

@@ -17,6 +17,7 @@ namespace mf {
 struct Latency {
   double median_ms = 0, min_ms = 0, max_ms = 0;
   int runs = 0;
+  std::vector<double> times_ms;  // every timed run, in order
 };
 
 struct BatchResult {
@@ -31,6 +32,9 @@ class Classifier {
   Classifier(const ModelFolder& folder, int threads);
   ~Classifier();
 
+  // Milliseconds the program took to load (file, method, XNNPACK delegate initialisation).
+  double load_ms() const { return load_ms_; }
+
   // The largest batch one call takes: the program's batch (its maximum for a dynamic-batch program).
   int64_t max_batch() const { return max_batch_; }
 
@@ -40,6 +44,7 @@ class Classifier {
  private:
   ModelFolder folder_;
   int64_t max_batch_ = 1;
+  double load_ms_ = 0;
   std::unique_ptr<executorch::extension::module::Module> module_;
 };
 

@@ -7,6 +7,7 @@
 #include <memory>
 
 #include <jpeglib.h>
+#include <jerror.h>
 #include <png.h>
 
 #include "errors.h"
@@ -39,13 +40,19 @@ void on_jpeg_error(j_common_ptr info) {
   std::longjmp(error->jump, 1);
 }
 
+// Warnings stay quiet, but a file that ends early is an error, as in Pillow ("image file is truncated");
+// libjpeg would fill the rest of the image with grey.
+void on_jpeg_message(j_common_ptr info, int level) {
+  if (level < 0 && info->err->msg_code == JWRN_JPEG_EOF) on_jpeg_error(info);
+}
+
 RgbImage decode_jpeg(const std::string& path) {
   File file = open_file(path);
   jpeg_decompress_struct info{};
   JpegError error{};
   info.err = jpeg_std_error(&error.manager);
   error.manager.error_exit = on_jpeg_error;
-  error.manager.output_message = [](j_common_ptr) {};  // warnings stay quiet, like PIL's
+  error.manager.emit_message = on_jpeg_message;
   RgbImage image;
   if (setjmp(error.jump)) {
     jpeg_destroy_decompress(&info);
@@ -72,9 +79,19 @@ RgbImage decode_jpeg(const std::string& path) {
   return image;
 }
 
+// libpng prints its errors and warnings on stderr by default: keep the error for the one-line message and
+// drop the warnings (such as an iCCP profile it dislikes), which Pillow ignores too.
+void on_png_error(png_structp png, png_const_charp message) {
+  static_cast<std::string*>(png_get_error_ptr(png))->assign(message);
+  png_longjmp(png, 1);
+}
+
+void on_png_warning(png_structp, png_const_charp) {}
+
 RgbImage decode_png(const std::string& path) {
   File file = open_file(path);
-  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
+  std::string message = "corrupt or truncated";
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &message, on_png_error, on_png_warning);
   png_infop info = png ? png_create_info_struct(png) : nullptr;
   if (!info) {
     png_destroy_read_struct(&png, nullptr, nullptr);
@@ -83,7 +100,7 @@ RgbImage decode_png(const std::string& path) {
   RgbImage image;
   if (setjmp(png_jmpbuf(png))) {
     png_destroy_read_struct(&png, &info, nullptr);
-    throw UserError("cannot decode PNG " + path + " (corrupt or truncated)");
+    throw UserError("cannot decode PNG " + path + " (" + message + ")");
   }
   png_init_io(png, file.get());
   png_read_info(png, info);

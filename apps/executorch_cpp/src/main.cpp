@@ -72,7 +72,7 @@ int run(int argc, char** argv) {
     for (int64_t i = 0; i < n; ++i) {
       const float* row = batch.logits.data() + i * folder.num_classes;
       results.push_back({names[start + i], std::vector<float>(row, row + folder.num_classes), batch.latency,
-                         batch.batch});
+                         batch.batch, classifier.load_ms()});
     }
   }
   print_results(results, folder.labels, options.top, options.json);

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <numeric>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
@@ -37,6 +39,14 @@ std::vector<Ranked> top_classes(const std::vector<float>& logits, int top) {
 
 }  // namespace
 
+double peak_rss_mb() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;  // "VmHWM:  1234 kB"
+  }
+  return -1;
+}
+
 void print_results(const std::vector<ImageResult>& results, const std::vector<std::string>& labels, int top,
                    bool json) {
   nlohmann::ordered_json document = nlohmann::ordered_json::array();
@@ -54,7 +64,10 @@ void print_results(const std::vector<ImageResult>& results, const std::vector<st
                           {"latency_ms", {{"median", result.latency.median_ms},
                                           {"min", result.latency.min_ms},
                                           {"max", result.latency.max_ms},
-                                          {"runs", result.latency.runs}}}});
+                                          {"runs", result.latency.runs},
+                                          {"times", result.latency.times_ms}}},
+                          {"load_ms", result.load_ms},
+                          {"peak_rss_mb", peak_rss_mb()}});
       continue;
     }
     std::printf("%s\n", result.image.c_str());
