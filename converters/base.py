@@ -1,8 +1,9 @@
 """The one interface every deployment target implements.
 
 A target is one module in ``mf_edge.converters`` exposing a ``TARGET`` object with: ``name``,
-``precisions`` and ``default_precision``, ``artifact`` (the file name it writes), ``export(model,
-spec, out_dir)`` and ``runtime(out_dir, spec)``. The CLI, parity and bench only use this interface.
+``precisions`` and ``default_precision``, ``artifact`` (the file name it writes), ``next_step`` (what to
+do with an output folder, ``{output}`` standing for its path), ``export(model, spec, out_dir)`` and
+``runtime(out_dir, spec)``. The CLI, parity and bench only use this interface.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Target(Protocol):
     precisions: tuple[str, ...]
     default_precision: str
     artifact: str
+    next_step: str
 
     def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
         """Write the artifact for ``model`` into ``out_dir`` (a temporary folder the caller publishes)."""

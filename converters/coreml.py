@@ -285,6 +285,8 @@ class CoreMLTarget:
     precisions: tuple[str, ...] = ("fp16", "fp32", "int8", "w8")
     default_precision = "fp16"
     artifact = "model.mlpackage"
+    next_step = ("next: on a Mac or iPhone, add {output}/model.mlpackage to an Xcode project: "
+                 "docs/deploy/ios.md")
     options = ("classifier", "minimum_deployment_target", "labels")
 
     def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:

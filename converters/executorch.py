@@ -96,6 +96,9 @@ class ExecuTorchTarget:
     precisions = ("fp32", "fp16", "int8", "w8")
     default_precision = "fp32"
     artifact = ARTIFACT
+    next_step = ("next: run it natively with build/mf-classify {output} image.jpg (build it: "
+                 "cmake -S apps/executorch_cpp -B build && cmake --build build); on Android: "
+                 "docs/deploy/android.md")
 
     def prepare(self, model: nn.Module, spec: ExportSpec) -> nn.Module:
         """A copy of the float model whose every op XNNPACK delegates (before quantization).

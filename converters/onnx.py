@@ -64,6 +64,8 @@ class OnnxTarget:
     precisions = ("fp32", "fp16", "int8", "w8")
     default_precision = "fp32"
     artifact = ARTIFACT
+    next_step = ("next: python apps/classify/classify.py {output} image.jpg (needs only numpy, pillow and "
+                 "onnxruntime)")
 
     def prepare(self, model: nn.Module, spec: ExportSpec) -> nn.Module:
         """ONNX takes the float model as it is."""

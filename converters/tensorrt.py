@@ -381,6 +381,8 @@ class TensorRTTarget:
     precisions: tuple[str, ...] = ("fp16", "fp32", "int8")
     default_precision = "fp16"
     options = ("workspace_mib", "timing_cache", "max_batch", "opt_batch")
+    next_step = ("next: on the NVIDIA device, mf-edge engine build {output}/model.onnx, then "
+                 "mf-edge engine run {output}/model.engine image.jpg: docs/deploy/jetson.md")
 
     @property
     def artifact(self) -> str:

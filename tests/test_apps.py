@@ -91,3 +91,32 @@ def test_onnx_demo_matches_predict_without_torch(tmp_path: Path, photos: list[Pa
     demo, torch_modules = run_demo(result.output, photos)
     assert torch_modules == []
     assert_same_answer(demo, predict(result.output, photos), photos)
+
+
+# Runs the demo with torch and executorch unimportable, as in a venv without them.
+NO_TORCH = """
+import runpy, sys
+sys.modules.update(torch=None, executorch=None)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(("artifact", "needles"), [
+    ("model.pte", ["pip install executorch", "apps/executorch_cpp"]),
+    ("model.mlpackage", ["Core ML", "docs/deploy/ios.md"]),
+    ("model.engine", ["mf-edge engine run", "docs/deploy/jetson.md"]),
+])
+def test_demo_names_what_to_install_or_where_to_run(tmp_path: Path, photos: list[Path], artifact: str,
+                                                    needles: list[str]) -> None:
+    """Without torch a ``.pte`` folder is one line naming what to install and the native app (it was a
+    ModuleNotFoundError traceback); a Core ML or TensorRT folder points to its device guide."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"artifact": artifact}))
+    (tmp_path / artifact).write_bytes(b"")
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, str(DEMO), str(tmp_path), str(photos[0])],
+                          capture_output=True, text=True, timeout=120, check=False)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert all(needle in lines[0] for needle in needles), lines[0]
+    for guide in ("docs/deploy/ios.md", "docs/deploy/jetson.md"):
+        assert guide not in lines[0] or (DEMO.parents[2] / guide).is_file()

@@ -2,8 +2,10 @@
 
 Needs numpy, Pillow and the runtime of the artifact: onnxruntime for ``model.onnx``, the ExecuTorch
 runtime for ``model.pte`` (its Python bindings take torch tensors, so that path imports torch;
-the ONNX path never does). Preprocessing, input shape and labels come from the folder's
-``manifest.json`` and ``labels.txt``; nothing of mf-edge is imported.
+the ONNX path never does; ``apps/executorch_cpp`` runs a ``.pte`` without Python). A Core ML
+package or a TensorRT engine runs on its device: the error says where (``docs/deploy/``).
+Preprocessing, input shape and labels come from the folder's ``manifest.json`` and ``labels.txt``;
+nothing of mf-edge is imported.
 
     python classify.py OUTPUT_DIR IMAGE [IMAGE ...] [--top 5] [--json]
 """
@@ -38,22 +40,46 @@ def preprocess(path: Path, prep: dict) -> np.ndarray:
     return ((pixels - mean) / std).transpose(2, 0, 1)
 
 
+ELSEWHERE = {  # artifacts this demo does not run, and where they run
+    ".mlpackage": "a Core ML package runs on a Mac or iPhone: see docs/deploy/ios.md",
+    ".engine": "a TensorRT engine runs on the NVIDIA device that built it: mf-edge engine run, "
+               "docs/deploy/jetson.md",
+}
+NATIVE_APP = "apps/executorch_cpp (build/mf-classify FOLDER IMAGE, no Python needed)"
+
+
+def missing_runtime(artifact: str, exc: ImportError) -> SystemExit:
+    """The one-line error for a runtime that is not installed: what to install, or the native app."""
+    if artifact.endswith(".pte"):
+        return SystemExit(f"error: the ExecuTorch Python runtime is not installed ({exc}); pip install "
+                          "executorch (it brings torch, which its Python bindings need), or run the native "
+                          f"app {NATIVE_APP}")
+    return SystemExit(f"error: onnxruntime is not installed ({exc}); pip install onnxruntime")
+
+
 def load_runtime(folder: Path, artifact: str):
     """A function running one batch of the artifact in its runtime."""
     path = folder / artifact
+    if path.suffix in ELSEWHERE:
+        raise SystemExit(f"error: {artifact} is not for this demo: {ELSEWHERE[path.suffix]}")
+    if path.suffix not in (".onnx", ".pte"):
+        raise SystemExit(f"error: this demo runs model.onnx or model.pte, not {artifact}")
+    if not path.exists():
+        raise SystemExit(f"error: {path} does not exist; pass an output folder written by mf-edge convert")
+    try:
+        if path.suffix == ".onnx":
+            import onnxruntime
+        else:
+            import torch  # the ExecuTorch Python runtime exchanges torch tensors
+            from executorch.runtime import Runtime
+    except ImportError as exc:
+        raise missing_runtime(artifact, exc) from None
     if path.suffix == ".onnx":
-        import onnxruntime
-
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda batch: session.run(None, {name: batch})[0]
-    if path.suffix == ".pte":
-        import torch  # the ExecuTorch Python runtime exchanges torch tensors
-        from executorch.runtime import Runtime
-
-        method = Runtime.get().load_program(path).load_method("forward")
-        return lambda batch: method.execute([torch.from_numpy(batch)])[0].numpy()
-    raise SystemExit(f"error: this demo runs model.onnx or model.pte, not {artifact}")
+    method = Runtime.get().load_program(path).load_method("forward")
+    return lambda batch: method.execute([torch.from_numpy(batch)])[0].numpy()
 
 
 def run_batches(run, batch: np.ndarray, batch_size: int, dynamic: bool) -> np.ndarray:
@@ -69,13 +95,17 @@ def run_batches(run, batch: np.ndarray, batch_size: int, dynamic: bool) -> np.nd
 
 
 def classify(folder: Path, images: list[Path], top: int) -> list[dict]:
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest_file = folder / "manifest.json"
+    if not manifest_file.is_file():
+        raise SystemExit(f"error: {folder} has no manifest.json; pass an output folder written by "
+                         "mf-edge convert")
+    manifest = json.loads(manifest_file.read_text())
+    run = load_runtime(folder, manifest["artifact"])
     labels_file = folder / "labels.txt"
     labels = labels_file.read_text().splitlines() if labels_file.is_file() else None
     batch = np.stack([preprocess(path, manifest["preprocessing"]) for path in images])
     shape = manifest["input"]["shape"]
-    logits = run_batches(load_runtime(folder, manifest["artifact"]), batch, shape[0],
-                         manifest["input"]["dynamic_batch"])
+    logits = run_batches(run, batch, shape[0], manifest["input"]["dynamic_batch"])
     results = []
     for path, row in zip(images, logits, strict=True):
         exp = np.exp(row - row.max())

@@ -162,8 +162,13 @@ def measure(job: dict) -> dict:
     Order: memory baseline (Python, torch and mf-edge imported; the peak-RSS mark is reset to it
     where Linux allows, so import-time peaks do not hide what follows), the runtime library and its
     threads, load, batch-1 latency (then the peak memory of serving one image), the fidelity batch
-    in chunks of the throughput batch, throughput (then the peak memory at that batch).
+    in chunks of the throughput batch, throughput (then the peak memory at that batch). The native
+    app (``kind`` ``"native"``) is measured by its own clock instead (``mf_edge.bench.native``).
     """
+    if job["kind"] == "native":
+        from mf_edge.bench.native import measure_native
+
+        return measure_native(job)
     import mf_edge.pipeline  # noqa: F401  (torch and mf-edge: imported before the memory baseline)
 
     images = np.load(job["images"])

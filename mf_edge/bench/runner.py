@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mf_edge import parity as parity_lib
+from mf_edge.bench import native
 from mf_edge.bench.images import BenchImages, bench_images
 from mf_edge.bench.measure import PYTORCH, latency_stats
 from mf_edge.console import note, step
@@ -292,7 +293,27 @@ def summarise(row: Row, reference: np.ndarray | None, images: BenchImages, workd
 
 
 def tag_of(row: Row) -> str:
-    return f"{row.runtime}-{row.target or 'eager'}-{row.precision}"
+    runtime = "executorch-cpp" if row.runtime == native.RUNTIME else row.runtime
+    return f"{runtime}-{row.target or 'eager'}-{row.precision}"
+
+
+def native_rows(rows: list[Row], app: Path | None) -> list[Row]:
+    """An ``executorch (C++)`` row per measured ExecuTorch program when the native app is built."""
+    if app is None:
+        return []
+    return [Row(native.RUNTIME, row.target, row.precision, "measured", artifact=row.artifact,
+                size_mb=row.size_mb, parity=row.parity, note=f"{app.name}: the app's own latency, no Python")
+            for row in rows if row.target == "executorch" and row.status == "measured"]
+
+
+def worker_kind(row: Row, app: Path | None) -> dict:
+    """What a measuring worker loads for ``row``: the float model, the artifact, or the native app."""
+    if row.runtime == PYTORCH:
+        return {"kind": PYTORCH}
+    kind = {"kind": "artifact", "target": row.target, "output": str(Path(row.artifact).parent)}
+    if row.runtime == native.RUNTIME:
+        kind.update(kind=native.KIND, app=str(app))
+    return kind
 
 
 def run_bench(config: BenchConfig) -> dict:
@@ -315,6 +336,8 @@ def run_bench(config: BenchConfig) -> dict:
     for target, precision in pairs:
         with step(f"{target} {precision}: convert"):
             rows.append(make_artifact(config, model, image_size, target, precision))
+    app = native.find_app()
+    rows += native_rows(rows, app)
     measured = [row for row in rows if row.status == "measured"]
 
     with tempfile.TemporaryDirectory(prefix="mf-edge-bench-") as tmp:
@@ -325,8 +348,7 @@ def run_bench(config: BenchConfig) -> dict:
         for round_index in range(config.rounds):
             for row in measured:
                 tag = tag_of(row)
-                kind = {"kind": PYTORCH} if row.runtime == PYTORCH else {
-                    "kind": "artifact", "target": row.target, "output": str(Path(row.artifact).parent)}
+                kind = worker_kind(row, app)
                 logits = str(workdir / f"{tag}.logits.npy")
                 with step(f"round {round_index + 1}/{config.rounds}: {tag}"):
                     row.measured.append(run_worker({**job, **kind, "logits": logits}, workdir,

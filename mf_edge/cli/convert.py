@@ -105,6 +105,7 @@ def convert_command(
     Console().print(f"{result.artifact}  (parity: {status}"
                     + (f", {result.parity['reason']})" if status != "pass" else ")"), highlight=False,
                     markup=False)
+    Console().print(chosen.next_step.format(output=result.output), highlight=False, markup=False)
 
 
 def _parity_table(report: dict) -> Table:
