@@ -38,6 +38,7 @@ from mf_edge.models.zoo import ModelInfo, get_model_info
 from mf_edge.publish import check_output, staged_output
 from mf_edge.rewrites import rewrite_for_deployment
 from mf_edge.spec import ExportSpec
+from mf_edge.trained import trained_defaults
 
 DEFAULT_OUTPUT_ROOT = Path("mf-edge-out")
 QUANTIZED_PRECISIONS = ("int8", "w8")
@@ -88,10 +89,12 @@ def make_spec(model: nn.Module | ModelInfo, target: Target, precision: str | Non
               options: dict | None = None) -> ExportSpec:
     """The ``ExportSpec`` of one request: checked shape and precision, the model's preprocessing.
 
-    ``model`` is a model from ``create_model`` (its head's class count is used) or, to check a
-    request before loading any weights, a ``ModelInfo``.
+    ``model`` is a model from ``create_model`` (its head's class count and, unless ``image_size`` is
+    given, the size it was built for are used) or, to check a request before loading any weights, a
+    ``ModelInfo``.
     """
     info = model if isinstance(model, ModelInfo) else model.mf_edge_info
+    image_size = image_size or getattr(model, "mf_edge_image_size", None)
     return ExportSpec.for_model(info, image_size=image_size, batch_size=batch_size,
                                 dynamic_batch=dynamic_batch, precision=resolve_precision(target, precision),
                                 num_classes=getattr(model, "num_classes", None), **(options or {}))
@@ -163,12 +166,30 @@ def _parity(load_runtime, spec: ExportSpec, references: dict[str, nn.Module], in
         return parity_lib.not_run(str(exc), spec.precision, inputs)
 
 
+def class_names(model: nn.Module) -> tuple[str, ...] | None:
+    """The names of ``model``'s classes: a training checkpoint's, ImageNet-1k's for 1000, else ``None``."""
+    trained = (getattr(model, "mf_edge_weights", None) or {}).get("trained") or {}
+    if trained.get("classes"):
+        return tuple(trained["classes"])
+    return labels_for(model.num_classes)
+
+
 def model_facts(model: nn.Module, spec: ExportSpec) -> dict:
-    """The manifest's ``model`` entry."""
+    """The manifest's ``model`` entry; for fine-tuned weights ``pretrain`` says so and
+    ``fine_tuned`` names the classes (and the checkpoint, epoch and validation top-1)."""
     info = model.mf_edge_info
-    return {"name": info.name, "arch": info.arch, "family": info.family, "pretrain": info.pretrain,
-            "num_classes": spec.num_classes, "image_size": spec.image_size,
-            "labels": info.labels if spec.num_classes == info.num_classes else "custom"}
+    facts = {"name": info.name, "arch": info.arch, "family": info.family, "pretrain": info.pretrain,
+             "num_classes": spec.num_classes, "image_size": spec.image_size,
+             "labels": info.labels if spec.num_classes == info.num_classes else "custom"}
+    trained = (getattr(model, "mf_edge_weights", None) or {}).get("trained")
+    if trained:
+        start = {"imagenet": f"{info.pretrain} weights", "random": "random initialisation"}.get(
+            trained.get("started_from"), trained.get("started_from") or "unknown weights")
+        facts["pretrain"] = f"fine-tuned from {start}"
+        facts["labels"] = "fine-tuned" if trained.get("classes") else "custom"
+        facts["fine_tuned"] = {key: trained.get(key) for key in
+                               ("classes", "image_size", "qat_target", "path", "epoch", "val_top1")}
+    return facts
 
 
 def publish(staging: Path, model: nn.Module, spec: ExportSpec, target: Target, result: ExportResult,
@@ -177,13 +198,14 @@ def publish(staging: Path, model: nn.Module, spec: ExportSpec, target: Target, r
 
     ``staged_output`` then moves the folder into place atomically.
     """
-    labels = labels_for(spec.num_classes)
+    labels = class_names(model)
     if labels is not None:
         (staging / LABELS).write_text("\n".join(labels) + "\n")
     write_json(staging / PARITY, report)
+    label_set = IMAGENET_1K if labels == labels_for(spec.num_classes) else "fine-tuned"
     manifest = build_manifest(spec, model_facts(model, spec), model.mf_edge_weights, target.name,
                               target.artifact, result.details, report, staging, quantized.details,
-                              {"set": IMAGENET_1K, "file": LABELS} if labels is not None else None,
+                              {"set": label_set, "file": LABELS} if labels is not None else None,
                               quantized.rewrites)
     write_json(staging / MANIFEST, manifest)
     return manifest
@@ -218,8 +240,9 @@ def convert(
     chosen = get_target(target)
     if isinstance(model, str):
         # check the request and the output folder before loading (maybe downloading) any weights
-        requested = make_spec(get_model_info(model), chosen, precision, image_size, batch_size, dynamic_batch,
-                              target_options)
+        info = get_model_info(model)
+        size, _ = trained_defaults(info.name, weights, image_size, None, quiet=True)
+        requested = make_spec(info, chosen, precision, size, batch_size, dynamic_batch, target_options)
         check_output(Path(output) if output else default_output(requested, chosen), force)
         float_model = load_model(model, weights, image_size=image_size, seed=seed)
     else:
@@ -227,6 +250,7 @@ def convert(
             raise UserError("convert() needs a model made by mf_edge.create_model (it carries the model's "
                             "metadata); pass the model's name instead.")
         float_model = model.eval()
+    target_options = _with_class_names(chosen, float_model, target_options)
     spec = make_spec(float_model, chosen, precision, image_size, batch_size, dynamic_batch, target_options)
     destination = check_output(Path(output) if output else default_output(spec, chosen), force)
     inputs = parity_inputs(spec, images)
@@ -239,6 +263,15 @@ def convert(
     note(parity_lib.summary(report))
     note(f"wrote {destination}")
     return Conversion(destination, manifest, report)
+
+
+def _with_class_names(target: Target, model: nn.Module, options: dict | None) -> dict | None:
+    """A classifier artifact (Core ML ``classifier``) gets a fine-tuned model's class names."""
+    classes = ((getattr(model, "mf_edge_weights", None) or {}).get("trained") or {}).get("classes")
+    options = options or {}
+    if not classes or not options.get("classifier") or "labels" in options:
+        return options
+    return {**options, "labels": list(classes)}
 
 
 # ---------------------------------------------------------------- entering the path at a published folder

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from mf_edge.errors import UserError
+from mf_edge.trained import FORMAT
 
-FORMAT = "mf-edge-train/1"
 LAST = "last.pt"
 BEST = "best.pt"
 

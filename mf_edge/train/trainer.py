@@ -30,6 +30,7 @@ from mf_edge.train.data import ImageData, load_image_data, seed_epoch, train_loa
 from mf_edge.train.loop import EpochStats, evaluate, mixed_precision, steps_in_epoch, train_one_epoch
 from mf_edge.train.metrics import plot, write_csv
 from mf_edge.train.optim import build_optimizer, build_scheduler
+from mf_edge.trained import trained_defaults
 
 
 @dataclass
@@ -61,7 +62,9 @@ class _Run:
         seed_everything(config.seed * 1_000 + context.rank)
         info = get_model_info(config.model)
         resume = load_checkpoint(config.resume) if config.resume else None
-        self.spec = ExportSpec.for_model(info, config.image_size, batch_size=config.batch_size)
+        # a training checkpoint given as --weights sets the default image size (also when resuming)
+        image_size, _ = trained_defaults(info.name, config.weights, config.image_size, None)
+        self.spec = ExportSpec.for_model(info, image_size, batch_size=config.batch_size)
         self.data = load_image_data(config.data, self.spec.preprocessing, config.min_crop_scale,
                                     config.val_fraction, config.seed)
         self.num_classes = self._check_classes(self.data)
