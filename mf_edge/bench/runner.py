@@ -239,8 +239,7 @@ def run_worker(job: dict, workdir: Path, tag: str) -> dict:
     """Run ``mf_edge.bench.measure`` in a fresh interpreter; its result or ``{"error": ...}``."""
     job_path, result_path = workdir / f"{tag}.job.json", workdir / f"{tag}.result.json"
     job_path.write_text(json.dumps(job))
-    # -P: never import from the working directory (in a source checkout it holds a partial ``mf_edge``)
-    command = [sys.executable, "-P", "-m", "mf_edge.bench.measure", str(job_path), str(result_path)]
+    command = [sys.executable, "-m", "mf_edge.bench.measure", str(job_path), str(result_path)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
