@@ -33,10 +33,11 @@ def flow(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("flow")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        run(["train", MODEL, "--data", str(cifar10_small), "--image-size", str(SIZE), "--epochs", "1",
-              "--max-steps-per-epoch", "2", "--batch-size", "16", "--workers", "0", "--device", "cpu"])
+        run(["train", MODEL, "--data", str(cifar10_small), "--weights", "random", "--image-size", str(SIZE),
+             "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "16", "--workers", "0",
+             "--device", "cpu"])
         run(["convert", MODEL, "--target", "onnx", "--weights", f"mf-edge-out/{MODEL}-train/best.pt",
-              "--quiet"])
+             "--quiet"])
     return root
 
 

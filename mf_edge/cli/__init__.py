@@ -22,8 +22,19 @@ app = typer.Typer(
 COMMAND_MODULES = ("models", "convert", "calibrate", "engine", "train", "bench")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from mf_edge import __version__
+
+        typer.echo(f"mf-edge {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def root() -> None:
+def root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     """mf-edge: convert, quantize, verify and benchmark MetaFormer classifiers for edge devices."""
 
 
@@ -32,11 +43,25 @@ def _register() -> None:
         importlib.import_module(f"mf_edge.cli.{name}")
 
 
+def _command():
+    """The click command of ``app``; its on/off flags (``--help`` too) show no ``<bool>`` in the help."""
+    command = typer.main.get_command(app)
+    commands = [command]
+    while commands:
+        current = commands.pop()
+        commands.extend(getattr(current, "commands", {}).values())
+        help_option = current.get_help_option(current.context_class(current))
+        for param in [*current.params, help_option]:
+            if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning ``UserError`` into one ``error:`` line and its exit code."""
     _register()
     try:
-        app(args=argv, prog_name="mf-edge")
+        _command().main(args=argv, prog_name="mf-edge")
     except UserError as exc:
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -67,7 +67,8 @@ def convert_command(
     calibration: Path = typer.Option(None, "--calibration", help=PTQ_HELP + "saved calibration file."),
     calib_data: Path = typer.Option(None, "--calib-data", help=PTQ_HELP + "folder of calibration images."),
     calib_size: int = typer.Option(256, "--calib-size", help=PTQ_HELP + "calibration images to use."),
-    observer: str = typer.Option(None, "--observer", help=PTQ_HELP + "activation observer."),
+    observer: str = typer.Option(None, "--observer", help=PTQ_HELP + "activation observer: minmax, ema, "
+                                 "percentile, mse (default) or entropy."),
     keep_float: list[str] = typer.Option(None, "--keep-float", help=PTQ_HELP + "module name pattern left in "
                                          "float (repeatable)."),
     max_drop: float = typer.Option(None, "--max-drop", help=PTQ_HELP + "largest accepted drop in "
@@ -83,7 +84,10 @@ def convert_command(
     max_batch: int = typer.Option(None, "--max-batch", help="TensorRT: largest batch of the --dynamic-batch "
                                   "profile."),
 ) -> None:
-    """Convert a model for a target, verify it in the target's runtime and publish the output folder."""
+    """Convert a model for a target, verify it in the target's runtime and publish the output folder.
+
+    Example: mf-edge convert convformer_s18 --target coreml --weights random
+    """
     from mf_edge.converters import get_target
     from mf_edge.pipeline import convert
 
@@ -122,7 +126,10 @@ def parity_command(
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
 ) -> None:
-    """Re-run the parity check of an existing artifact against the float model it was made from."""
+    """Re-run the parity check of an existing artifact against the float model it was made from.
+
+    Example: mf-edge parity mf-edge-out/convformer_s18-onnx-fp32
+    """
     from mf_edge import parity as parity_lib
     from mf_edge.pipeline import recheck
 
@@ -144,7 +151,10 @@ def predict_command(
     images: list[Path] = typer.Argument(..., help="Images to classify."),
     top: int = typer.Option(5, "--top", help="Classes to print per image."),
 ) -> None:
-    """Classify images with a converted artifact, in its own runtime: top classes with ImageNet names."""
+    """Classify images with a converted artifact, in its own runtime: top classes with their names.
+
+    Example: mf-edge predict mf-edge-out/convformer_s18-onnx-fp32 cat.jpg
+    """
     from mf_edge.pipeline import predict
 
     for path, classes in zip(images, predict(output_dir, images, top), strict=True):

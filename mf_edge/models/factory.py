@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -13,6 +12,7 @@ from mf_edge.console import note
 from mf_edge.errors import UserError
 from mf_edge.models.layers import MlpHead
 from mf_edge.models.metaformer import MetaFormer
+from mf_edge.models.stats import ModelStats
 from mf_edge.models.zoo import get_model_info
 
 DEFAULT_SEED = 0
@@ -103,14 +103,6 @@ def count_macs(model: torch.nn.Module, image_size: int = 224) -> int:
     with counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() // 2
-
-
-class ModelStats(NamedTuple):
-    """Sizes of one registered model at its native input size."""
-
-    params: int
-    frozen_params: int
-    macs: int | None
 
 
 def _meta_build(arch: str, num_classes: int, image_size: int) -> MetaFormer:
