@@ -20,7 +20,7 @@ import numpy as np
 from torch import nn
 
 from mf_edge import parity as parity_lib
-from mf_edge.console import note, step
+from mf_edge.console import note, progress, step
 from mf_edge.converters import ExportResult, Target, get_target
 from mf_edge.data import ParityInputs, load_image, parity_inputs, preprocess
 from mf_edge.errors import RuntimeUnavailable, UserError
@@ -157,11 +157,13 @@ def verify(target: Target, out_dir: Path, spec: ExportSpec, references: dict[str
 def _parity(load_runtime, spec: ExportSpec, references: dict[str, nn.Module], inputs: ParityInputs) -> dict:
     try:
         runtime = load_runtime()
-        with step(f"parity on {len(inputs.names)} images ({runtime.name})"):
+        count = len(inputs.names)
+        with step(f"parity: {len(references)} reference(s) on {count} images (PyTorch)"):
             logits = {name: parity_lib.reference_logits(module, inputs.batch)
                       for name, module in references.items()}
-            return parity_lib.evaluate(runtime, inputs, logits, spec.precision, spec.batch_size,
-                                       spec.dynamic_batch)
+        with progress(f"parity: {runtime.name}", count) as advance:  # per image: Core ML takes minutes
+            return parity_lib.evaluate(_Advancing(runtime, advance, count), inputs, logits, spec.precision,
+                                       spec.batch_size, spec.dynamic_batch)
     except RuntimeUnavailable as exc:
         return parity_lib.not_run(str(exc), spec.precision, inputs)
 
@@ -172,6 +174,23 @@ def class_names(model: nn.Module) -> tuple[str, ...] | None:
     if trained.get("classes"):
         return tuple(trained["classes"])
     return labels_for(model.num_classes)
+
+
+class _Advancing:
+    """``runtime`` that advances a progress bar by the images of each ``run`` (padding not counted)."""
+
+    def __init__(self, runtime, advance, total: int) -> None:
+        self._runtime, self._advance, self._left = runtime, advance, total
+
+    def __getattr__(self, name: str):
+        return getattr(self._runtime, name)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        logits = self._runtime.run(batch)
+        done = min(len(batch), self._left)
+        self._left -= done
+        self._advance(done)
+        return logits
 
 
 def model_facts(model: nn.Module, spec: ExportSpec) -> dict:
@@ -211,9 +230,28 @@ def publish(staging: Path, model: nn.Module, spec: ExportSpec, target: Target, r
     return manifest
 
 
-def default_output(spec: ExportSpec, target: Target) -> Path:
-    """``./mf-edge-out/<model>-<target>-<precision>``."""
-    return DEFAULT_OUTPUT_ROOT / f"{spec.model}-{target.name}-{spec.precision}"
+def weights_tag(weights: str | Path | dict) -> str:
+    """The weights in a folder name: ``""`` for ImageNet, ``random``, or the checkpoint's file stem.
+
+    ``weights`` is the ``--weights`` value or a model's ``mf_edge_weights`` record.
+    """
+    if isinstance(weights, dict):
+        weights = weights.get("path") if weights.get("source") == "path" else weights.get("source")
+    if str(weights) in ("imagenet", "None"):
+        return ""
+    return "random" if str(weights) == "random" else Path(str(weights)).stem
+
+
+def default_output(spec: ExportSpec, target: Target, weights: str | Path | dict = "imagenet") -> Path:
+    """``./mf-edge-out/<model>-<size>px[-<weights>]-<target>-<what it holds>``.
+
+    The image size and the weights (``weights_tag``) are in the name, so conversions of other sizes
+    or weights do not collide; what the folder holds is the precision, or what the target says it
+    writes on this host (TensorRT without a GPU: ``onnx-fp32``/``onnx-int8``, no engine).
+    """
+    held = getattr(target, "output_label", lambda s: s.precision)(spec)
+    parts = [spec.model, f"{spec.image_size}px", weights_tag(weights), target.name, held]
+    return DEFAULT_OUTPUT_ROOT / "-".join(part for part in parts if part)
 
 
 def convert(
@@ -234,8 +272,9 @@ def convert(
     """Convert ``model`` (a zoo name, or a model from ``create_model``) for ``target`` and verify it.
 
     Writes ``<output>/{artifact, manifest.json, parity.json}`` atomically (default output:
-    ``mf-edge-out/<model>-<target>-<precision>``). Parity below the precision's thresholds raises
-    ``ParityFailure`` and publishes nothing; a runtime absent here records ``not run``.
+    ``default_output``, e.g. ``mf-edge-out/convformer_s18-224px-onnx-fp32``). Parity below the
+    precision's thresholds raises ``ParityFailure`` and publishes nothing; a runtime absent here
+    records ``not run``.
     """
     chosen = get_target(target)
     if isinstance(model, str):
@@ -243,7 +282,7 @@ def convert(
         info = get_model_info(model)
         size, _ = trained_defaults(info.name, weights, image_size, None, quiet=True)
         requested = make_spec(info, chosen, precision, size, batch_size, dynamic_batch, target_options)
-        check_output(Path(output) if output else default_output(requested, chosen), force)
+        check_output(Path(output) if output else default_output(requested, chosen, weights), force)
         float_model = load_model(model, weights, image_size=image_size, seed=seed)
     else:
         if not hasattr(model, "mf_edge_info"):
@@ -252,7 +291,8 @@ def convert(
         float_model = model.eval()
     target_options = _with_class_names(chosen, float_model, target_options)
     spec = make_spec(float_model, chosen, precision, image_size, batch_size, dynamic_batch, target_options)
-    destination = check_output(Path(output) if output else default_output(spec, chosen), force)
+    destination = check_output(Path(output) if output else default_output(spec, chosen,
+                                                                         float_model.mf_edge_weights), force)
     inputs = parity_inputs(spec, images)
     with staged_output(destination, force) as staging:
         quantized = quantize(float_model, spec, chosen, ptq_options)

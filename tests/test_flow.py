@@ -90,3 +90,37 @@ def test_checkpoint_of_another_model_is_refused(flow: Path) -> None:
     best = flow / "mf-edge-out" / f"{MODEL}-train" / "best.pt"
     with pytest.raises(UserError, match=f"was trained for {MODEL}, not identityformer_s12"):
         create_model("identityformer_s12", weights=best)
+
+
+def test_end_line_says_where_parity_ran_and_that_weights_are_random() -> None:
+    """Regression: the Core ML quick start ended ``parity pass`` with no word of the reference executor
+    or the random weights; TensorRT without a GPU repeated its install hint in the result line."""
+    from mf_edge.cli.convert import end_note
+
+    report = {"status": "pass", "reason": None, "runtime": "coreml-reference"}
+    text = end_note(report, {"weights": {"source": "random"}}, quiet=False)
+    assert "Core ML reference executor" in text and "random weights" in text
+    assert "random" not in end_note(report, {"weights": {"source": "imagenet"}}, quiet=False)
+    hint = "TensorRT is not installed here: pip install '.[tensorrt]'"
+    trt = {"status": "not run", "reason": hint, "runtime": None,
+           "onnx": {"status": "pass", "runtime": "onnxruntime"}}
+    assert hint not in end_note(trt, {}, quiet=False)  # the notes above said it once
+    assert hint in end_note(trt, {}, quiet=True)  # --quiet: the result line is all there is
+    assert "its ONNX: pass in onnxruntime" in end_note(trt, {}, quiet=True)
+
+
+def test_third_party_chatter_is_hidden_unless_verbose() -> None:
+    """Regression: the first run printed coremltools' 'Failed to load _MLModelProxy' lines and version
+    warnings, and torch's pytree deprecation line, before mf-edge's own first line."""
+    import subprocess
+    import sys
+
+    base = "import coremltools, torchao"
+    quiet = "from mf_edge.console import silence_third_party; silence_third_party(); " + base
+    loud = subprocess.run([sys.executable, "-c", base], capture_output=True, text=True, timeout=300).stderr
+    hidden = subprocess.run([sys.executable, "-c", quiet], capture_output=True, text=True, timeout=300)
+    assert hidden.returncode == 0, hidden.stderr[-2000:]
+    noise = ("Failed to load", "has not been tested with coremltools", "Enum subclass")
+    if not any(text in loud for text in noise):
+        pytest.skip("these library versions print nothing on import here")
+    assert not any(text in hidden.stderr for text in noise), hidden.stderr

@@ -28,7 +28,7 @@ from mf_edge.bench.measure import PYTORCH, latency_stats
 from mf_edge.console import note, step
 from mf_edge.converters import get_target
 from mf_edge.errors import UserError
-from mf_edge.pipeline import QUANTIZED_PRECISIONS, make_spec, prepare_for_target
+from mf_edge.pipeline import QUANTIZED_PRECISIONS, default_output, make_spec, prepare_for_target
 
 DEFAULT_TARGETS = ("executorch", "onnx", "coreml", "tensorrt")
 # What each target is benchmarked in when --precisions is not given.
@@ -146,6 +146,13 @@ def artifact_dir(config: BenchConfig, image_size: int, target: str, precision: s
     return root / f"{config.model}-{image_size}-{target}-{precision}"
 
 
+def converted_output(model, image_size: int, target: str, precision: str) -> Path:
+    """Where ``mf-edge convert`` publishes this request by default (``pipeline.default_output``)."""
+    chosen = get_target(target)
+    spec = make_spec(model, chosen, precision, image_size=image_size)
+    return default_output(spec, chosen, model.mf_edge_weights)
+
+
 def reusable(output: Path, model, image_size: int, target: str, precision: str, dynamic: bool,
              calib_data: Path | None = None) -> bool:
     """Whether ``output`` holds a published conversion of exactly this request, made with today's
@@ -202,7 +209,11 @@ def make_artifact(config: BenchConfig, model, image_size: int, target: str, prec
     dynamic = target in DYNAMIC_BATCH_TARGETS
     runtime = RUNTIME_NAMES.get(target, target)
     calib_data = config.calib_data or config.images if precision in QUANTIZED_PRECISIONS else None
-    if not config.rebuild and reusable(output, model, image_size, target, precision, dynamic, calib_data):
+    converted = converted_output(model, image_size, target, precision)  # `mf-edge convert`'s own folder
+    if not config.rebuild and reusable(converted, model, image_size, target, precision, dynamic, calib_data):
+        output = converted
+        note(f"reusing {output}")
+    elif not config.rebuild and reusable(output, model, image_size, target, precision, dynamic, calib_data):
         note(f"reusing {output}")
     else:
         ptq = {"calib_data": calib_data} if calib_data else None

@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from mf_edge.console import console
+from mf_edge.console import console, silence_third_party
 from mf_edge.errors import UserError
 
 app = typer.Typer(
@@ -34,8 +34,12 @@ def _print_version(value: bool) -> None:
 def root(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show the warnings of the libraries "
+                                 "mf-edge uses (coremltools, PyTorch, ExecuTorch, ONNX), hidden by default."),
 ) -> None:
     """mf-edge: convert, quantize, verify and benchmark MetaFormer classifiers for edge devices."""
+    if not verbose:
+        silence_third_party()
 
 
 def _register() -> None:

@@ -100,10 +100,31 @@ def convert_command(
     result = convert(model, target, precision=precision, weights=weights, image_size=image_size,
                      batch_size=batch_size, dynamic_batch=dynamic_batch, images=images, output=output,
                      force=force, seed=seed, target_options=options, ptq_options=ptq)
-    status = result.parity["status"]
-    Console().print(f"{result.artifact}  (parity: {status}"
-                    + (f", {result.parity['reason']})" if status != "pass" else ")"), highlight=False,
-                    markup=False)
+    Console().print(f"{result.artifact}  ({end_note(result.parity, result.manifest, quiet)})",
+                    highlight=False, markup=False)
+
+
+RUNTIME_WORDS = {"coreml-reference": "mf-edge's Core ML reference executor (Core ML itself needs macOS)"}
+
+
+def end_note(report: dict, manifest: dict, quiet: bool) -> str:
+    """What the result line says about parity: where it ran, why not, and whether the weights were random.
+
+    A reason already printed by the notes above (not ``quiet``) is not repeated.
+    """
+    status = report["status"]
+    if status == "not run":
+        text = f"parity not run here: {report['reason']}" if quiet else "parity not run here (why: above)"
+        if "onnx" in report:
+            text += f"; its ONNX: {report['onnx']['status']} in {report['onnx'].get('runtime')}"
+    else:
+        runtime = report.get("runtime")
+        text = f"parity {status} in {RUNTIME_WORDS.get(runtime, runtime)}"
+        if status != "pass":
+            text += f", {report['reason']}"
+    if (manifest.get("weights") or {}).get("source") == "random":
+        text += "; random weights: the predictions mean nothing"
+    return text
 
 
 def _parity_table(report: dict) -> Table:
@@ -128,7 +149,7 @@ def parity_command(
 ) -> None:
     """Re-run the parity check of an existing artifact against the float model it was made from.
 
-    Example: mf-edge parity mf-edge-out/convformer_s18-onnx-fp32
+    Example: mf-edge parity mf-edge-out/convformer_s18-224px-onnx-fp32
     """
     from mf_edge import parity as parity_lib
     from mf_edge.pipeline import recheck
@@ -153,7 +174,7 @@ def predict_command(
 ) -> None:
     """Classify images with a converted artifact, in its own runtime: top classes with their names.
 
-    Example: mf-edge predict mf-edge-out/convformer_s18-onnx-fp32 cat.jpg
+    Example: mf-edge predict mf-edge-out/convformer_s18-224px-onnx-fp32 cat.jpg
     """
     from mf_edge.pipeline import predict
 

@@ -35,7 +35,7 @@ def build_command(
 ) -> None:
     """Build a TensorRT engine from a TensorRT-ready ONNX on this GPU.
 
-    Example: mf-edge engine build mf-edge-out/convformer_s18-224px-tensorrt-fp16/model.onnx
+    Example: mf-edge engine build mf-edge-out/convformer_s18-224px-tensorrt-onnx-fp32/model.onnx
     """
     from mf_edge.converters.tensorrt import build_engine, plan_engine
 
