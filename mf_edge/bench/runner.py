@@ -301,6 +301,30 @@ def summarise(row: Row, reference: np.ndarray | None, images: BenchImages, workd
     return data
 
 
+def with_calibration_images(config: BenchConfig, pairs: list[tuple[str, str]], spec) -> BenchConfig:
+    """``config``, with the parity sample images as ``calib_data`` when a calibrated int8 row has no
+    calibration images (neither ``--calib-data`` nor ``--images``): int8 runs, with a note, not fails."""
+    from dataclasses import replace
+
+    from mf_edge.calibration.schemes import scheme_for
+
+    if config.calib_data or config.images:
+        return config
+    if not any(p in QUANTIZED_PRECISIONS and scheme_for(t, p).calibrated for t, p in pairs):
+        return config
+    from mf_edge.data import DEFAULT_NOISE_IMAGES, noise_images, sample_images
+
+    folder = (config.artifacts or DEFAULT_ARTIFACTS) / f"parity-images-{spec.image_size}px"
+    pictures = sample_images() + noise_images(DEFAULT_NOISE_IMAGES, spec.image_size)
+    if len(list(folder.glob("*.png"))) != len(pictures):
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, (_, picture) in enumerate(pictures):
+            picture.save(folder / f"{index:02d}.png")
+    note(f"int8 calibrates on the {len(pictures)} parity sample images ({folder}): its accuracy is only "
+         "indicative; pass --calib-data DIR (or --images DIR) with representative images")
+    return replace(config, calib_data=folder)
+
+
 def tag_of(row: Row) -> str:
     return f"{row.runtime}-{row.target or 'eager'}-{row.precision}"
 
@@ -318,6 +342,7 @@ def run_bench(config: BenchConfig) -> dict:
     model = load_model(config.model, config.weights, image_size=config.image_size, seed=config.seed)
     spec = make_spec(model, get_target(pairs[0][0]), pairs[0][1], config.image_size)
     image_size = spec.image_size
+    config = with_calibration_images(config, pairs, spec)
     images = bench_images(spec, config.images, config.num_images)
 
     rows = [Row(PYTORCH, None, "fp32", "measured", note="reference (float model, eager)",
