@@ -389,6 +389,13 @@ class TensorRTTarget:
         """``model.engine`` where this host builds engines (as ``export`` does), else ``model.onnx``."""
         return ENGINE_FILE if tensorrt_unavailable_reason() is None else ONNX_FILE
 
+    def output_label(self, spec: ExportSpec) -> str:
+        """What a conversion holds, for its folder name: the engine's precision where this host builds
+        engines, else the ONNX it writes (``onnx-int8`` Q/DQ, or ``onnx-fp32`` for fp16/fp32 engines)."""
+        if tensorrt_unavailable_reason() is None:
+            return spec.precision
+        return "onnx-int8" if spec.precision == "int8" else "onnx-fp32"
+
     def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
         from mf_edge.converters import get_target
 
@@ -413,7 +420,7 @@ class TensorRTTarget:
             files.append(out_dir / ENGINE_FILE)
         else:
             details["engine"] = {"built": False, "reason": reason}
-            note(f"wrote the TensorRT-ready ONNX only: {reason}")
+            note("wrote the TensorRT-ready ONNX only: no engine can be built on this host (why: below)")
         return ExportResult(files=files, details=details)
 
     def runtime(self, out_dir: Path, spec: ExportSpec) -> Runtime:

@@ -1,25 +1,25 @@
 """mf-edge: MetaFormer vision models to Core ML, ExecuTorch, ONNX and TensorRT."""
 
+from __future__ import annotations
+
+import importlib
+
 from mf_edge.errors import UserError
 
 __version__ = "0.1.0"
+
+# imported on first use: PyTorch and the exporters load only when a model is built or converted
+_LAZY = {"convert": "mf_edge.pipeline", "count_macs": "mf_edge.models",
+         "count_params": "mf_edge.models", "create_model": "mf_edge.models",
+         "get_model_info": "mf_edge.models", "list_models": "mf_edge.models"}
 
 __all__ = ["UserError", "__version__", "convert", "count_macs", "count_params", "create_model",
            "get_model_info", "list_models"]
 
 
-MODEL_NAMES = ("count_macs", "count_params", "create_model", "get_model_info", "list_models")
-
-
 def __getattr__(name: str):
-    """Lazy public names: ``import mf_edge`` stays light (no PyTorch), so the CLI starts, and answers
-    Ctrl-C, before the heavy imports; ``mf_edge.convert`` pulls in the exporters only when used."""
-    if name == "convert":
-        from mf_edge.pipeline import convert
-
-        return convert
-    if name in MODEL_NAMES:
-        from mf_edge import models
-
-        return getattr(models, name)
+    """Lazy ``mf_edge.convert``, ``mf_edge.create_model``...: plain ``import mf_edge`` stays light (no
+    PyTorch), so the CLI starts, and answers Ctrl-C, before the heavy imports."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mf_edge' has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -11,8 +11,26 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 T = TypeVar("T")
+# Libraries whose import-time and export-time chatter a user cannot act on (coremltools' "Failed to load
+# _MLModelProxy" on Linux and its version warnings, torch's pytree deprecation line, ...).
+THIRD_PARTY_LOGGERS = ("coremltools", "torch.utils._pytree", "torch.export", "torch._export", "torchao",
+                       "executorch", "onnxscript", "onnx_ir")
+THIRD_PARTY_MODULES = r"(torch|torchao|torchvision|executorch|coremltools|onnx|onnxscript|onnx_ir)\b"
 console = Console(stderr=True)
 _state = {"quiet": False}
+
+
+def silence_third_party() -> None:
+    """Hide third-party warnings (log records below ERROR, Python warnings) that a user cannot act on.
+
+    The CLI calls this unless ``mf-edge --verbose``; errors still show.
+    """
+    import logging
+    import warnings
+
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=THIRD_PARTY_MODULES)
 
 
 def set_quiet(quiet: bool) -> None:
@@ -40,6 +58,18 @@ def step(description: str) -> Iterator[None]:
         task = progress.add_task(description, total=None)
         yield
         progress.update(task, completed=1, total=1)
+
+
+@contextmanager
+def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar of ``total`` units; yields ``advance(n)``. Quiet: a no-op."""
+    if _state["quiet"]:
+        yield lambda n: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:

@@ -21,7 +21,7 @@ import numpy as np
 from torch import nn
 
 from mf_edge import parity as parity_lib
-from mf_edge.console import note, step
+from mf_edge.console import note, progress, step
 from mf_edge.converters import ExportResult, Target, get_target
 from mf_edge.data import ParityInputs, load_image, parity_inputs, preprocess
 from mf_edge.errors import ParityFailure, RuntimeUnavailable, UserError
@@ -39,6 +39,7 @@ from mf_edge.models.zoo import ModelInfo, get_model_info
 from mf_edge.publish import check_output, partial_file, remove_stale, staged_output
 from mf_edge.rewrites import rewrite_for_deployment
 from mf_edge.spec import ExportSpec
+from mf_edge.trained import trained_defaults
 
 DEFAULT_OUTPUT_ROOT = Path("mf-edge-out")
 QUANTIZED_PRECISIONS = ("int8", "w8")
@@ -89,10 +90,12 @@ def make_spec(model: nn.Module | ModelInfo, target: Target, precision: str | Non
               options: dict | None = None) -> ExportSpec:
     """The ``ExportSpec`` of one request: checked shape and precision, the model's preprocessing.
 
-    ``model`` is a model from ``create_model`` (its head's class count is used) or, to check a
-    request before loading any weights, a ``ModelInfo``.
+    ``model`` is a model from ``create_model`` (its head's class count and, unless ``image_size`` is
+    given, the size it was built for are used) or, to check a request before loading any weights, a
+    ``ModelInfo``.
     """
     info = model if isinstance(model, ModelInfo) else model.mf_edge_info
+    image_size = image_size or getattr(model, "mf_edge_image_size", None)
     return ExportSpec.for_model(info, image_size=image_size, batch_size=batch_size,
                                 dynamic_batch=dynamic_batch, precision=resolve_precision(target, precision),
                                 num_classes=getattr(model, "num_classes", None), **(options or {}))
@@ -155,21 +158,58 @@ def verify(target: Target, out_dir: Path, spec: ExportSpec, references: dict[str
 def _parity(load_runtime, spec: ExportSpec, references: dict[str, nn.Module], inputs: ParityInputs) -> dict:
     try:
         runtime = load_runtime()
-        with step(f"parity on {len(inputs.names)} images ({runtime.name})"):
+        count = len(inputs.names)
+        with step(f"parity: {len(references)} reference(s) on {count} images (PyTorch)"):
             logits = {name: parity_lib.reference_logits(module, inputs.batch)
                       for name, module in references.items()}
-            return parity_lib.evaluate(runtime, inputs, logits, spec.precision, spec.batch_size,
-                                       spec.dynamic_batch)
+        with progress(f"parity: {runtime.name}", count) as advance:  # per image: Core ML takes minutes
+            return parity_lib.evaluate(_Advancing(runtime, advance, count), inputs, logits, spec.precision,
+                                       spec.batch_size, spec.dynamic_batch)
     except RuntimeUnavailable as exc:
         return parity_lib.not_run(str(exc), spec.precision, inputs)
 
 
+def class_names(model: nn.Module) -> tuple[str, ...] | None:
+    """The names of ``model``'s classes: a training checkpoint's, ImageNet-1k's for 1000, else ``None``."""
+    trained = (getattr(model, "mf_edge_weights", None) or {}).get("trained") or {}
+    if trained.get("classes"):
+        return tuple(trained["classes"])
+    return labels_for(model.num_classes)
+
+
+class _Advancing:
+    """``runtime`` that advances a progress bar by the images of each ``run`` (padding not counted)."""
+
+    def __init__(self, runtime, advance, total: int) -> None:
+        self._runtime, self._advance, self._left = runtime, advance, total
+
+    def __getattr__(self, name: str):
+        return getattr(self._runtime, name)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        logits = self._runtime.run(batch)
+        done = min(len(batch), self._left)
+        self._left -= done
+        self._advance(done)
+        return logits
+
+
 def model_facts(model: nn.Module, spec: ExportSpec) -> dict:
-    """The manifest's ``model`` entry."""
+    """The manifest's ``model`` entry; for fine-tuned weights ``pretrain`` says so and
+    ``fine_tuned`` names the classes (and the checkpoint, epoch and validation top-1)."""
     info = model.mf_edge_info
-    return {"name": info.name, "arch": info.arch, "family": info.family, "pretrain": info.pretrain,
-            "num_classes": spec.num_classes, "image_size": spec.image_size,
-            "labels": info.labels if spec.num_classes == info.num_classes else "custom"}
+    facts = {"name": info.name, "arch": info.arch, "family": info.family, "pretrain": info.pretrain,
+             "num_classes": spec.num_classes, "image_size": spec.image_size,
+             "labels": info.labels if spec.num_classes == info.num_classes else "custom"}
+    trained = (getattr(model, "mf_edge_weights", None) or {}).get("trained")
+    if trained:
+        start = {"imagenet": f"{info.pretrain} weights", "random": "random initialisation"}.get(
+            trained.get("started_from"), trained.get("started_from") or "unknown weights")
+        facts["pretrain"] = f"fine-tuned from {start}"
+        facts["labels"] = "fine-tuned" if trained.get("classes") else "custom"
+        facts["fine_tuned"] = {key: trained.get(key) for key in
+                               ("classes", "image_size", "qat_target", "path", "epoch", "val_top1")}
+    return facts
 
 
 def publish(staging: Path, model: nn.Module, spec: ExportSpec, target: Target, result: ExportResult,
@@ -178,13 +218,14 @@ def publish(staging: Path, model: nn.Module, spec: ExportSpec, target: Target, r
 
     ``staged_output`` then moves the folder into place atomically.
     """
-    labels = labels_for(spec.num_classes)
+    labels = class_names(model)
     if labels is not None:
         (staging / LABELS).write_text("\n".join(labels) + "\n")
     write_json(staging / PARITY, report)
+    label_set = IMAGENET_1K if labels == labels_for(spec.num_classes) else "fine-tuned"
     manifest = build_manifest(spec, model_facts(model, spec), model.mf_edge_weights, target.name,
                               target.artifact, result.details, report, staging, quantized.details,
-                              {"set": IMAGENET_1K, "file": LABELS} if labels is not None else None,
+                              {"set": label_set, "file": LABELS} if labels is not None else None,
                               quantized.rewrites)
     write_json(staging / MANIFEST, manifest)
     return manifest
@@ -205,9 +246,28 @@ def keep_failed_report(output: Path, report: dict) -> Path:
     return path
 
 
-def default_output(spec: ExportSpec, target: Target) -> Path:
-    """``./mf-edge-out/<model>-<target>-<precision>``."""
-    return DEFAULT_OUTPUT_ROOT / f"{spec.model}-{target.name}-{spec.precision}"
+def weights_tag(weights: str | Path | dict) -> str:
+    """The weights in a folder name: ``""`` for ImageNet, ``random``, or the checkpoint's file stem.
+
+    ``weights`` is the ``--weights`` value or a model's ``mf_edge_weights`` record.
+    """
+    if isinstance(weights, dict):
+        weights = weights.get("path") if weights.get("source") == "path" else weights.get("source")
+    if str(weights) in ("imagenet", "None"):
+        return ""
+    return "random" if str(weights) == "random" else Path(str(weights)).stem
+
+
+def default_output(spec: ExportSpec, target: Target, weights: str | Path | dict = "imagenet") -> Path:
+    """``./mf-edge-out/<model>-<size>px[-<weights>]-<target>-<what it holds>``.
+
+    The image size and the weights (``weights_tag``) are in the name, so conversions of other sizes
+    or weights do not collide; what the folder holds is the precision, or what the target says it
+    writes on this host (TensorRT without a GPU: ``onnx-fp32``/``onnx-int8``, no engine).
+    """
+    held = getattr(target, "output_label", lambda s: s.precision)(spec)
+    parts = [spec.model, f"{spec.image_size}px", weights_tag(weights), target.name, held]
+    return DEFAULT_OUTPUT_ROOT / "-".join(part for part in parts if part)
 
 
 def convert(
@@ -228,23 +288,27 @@ def convert(
     """Convert ``model`` (a zoo name, or a model from ``create_model``) for ``target`` and verify it.
 
     Writes ``<output>/{artifact, manifest.json, parity.json}`` atomically (default output:
-    ``mf-edge-out/<model>-<target>-<precision>``). Parity below the precision's thresholds raises
-    ``ParityFailure`` and publishes nothing; a runtime absent here records ``not run``.
+    ``default_output``, e.g. ``mf-edge-out/convformer_s18-224px-onnx-fp32``). Parity below the
+    precision's thresholds raises ``ParityFailure`` and publishes nothing; a runtime absent here
+    records ``not run``.
     """
     chosen = get_target(target)
     if isinstance(model, str):
         # check the request and the output folder before loading (maybe downloading) any weights
-        requested = make_spec(get_model_info(model), chosen, precision, image_size, batch_size, dynamic_batch,
-                              target_options)
-        check_output(Path(output) if output else default_output(requested, chosen), force)
+        info = get_model_info(model)
+        size, _ = trained_defaults(info.name, weights, image_size, None, quiet=True)
+        requested = make_spec(info, chosen, precision, size, batch_size, dynamic_batch, target_options)
+        check_output(Path(output) if output else default_output(requested, chosen, weights), force)
         float_model = load_model(model, weights, image_size=image_size, seed=seed)
     else:
         if not hasattr(model, "mf_edge_info"):
             raise UserError("convert() needs a model made by mf_edge.create_model (it carries the model's "
                             "metadata); pass the model's name instead.")
         float_model = model.eval()
+    target_options = _with_class_names(chosen, float_model, target_options)
     spec = make_spec(float_model, chosen, precision, image_size, batch_size, dynamic_batch, target_options)
-    destination = check_output(Path(output) if output else default_output(spec, chosen), force)
+    destination = check_output(Path(output) if output else default_output(spec, chosen,
+                                                                         float_model.mf_edge_weights), force)
     inputs = parity_inputs(spec, images)
     with staged_output(destination, force) as staging:
         quantized = quantize(float_model, spec, chosen, ptq_options)
@@ -259,6 +323,15 @@ def convert(
     note(parity_lib.summary(report))
     note(f"wrote {destination}")
     return Conversion(destination, manifest, report)
+
+
+def _with_class_names(target: Target, model: nn.Module, options: dict | None) -> dict | None:
+    """A classifier artifact (Core ML ``classifier``) gets a fine-tuned model's class names."""
+    classes = ((getattr(model, "mf_edge_weights", None) or {}).get("trained") or {}).get("classes")
+    options = options or {}
+    if not classes or not options.get("classifier") or "labels" in options:
+        return options
+    return {**options, "labels": list(classes)}
 
 
 # ---------------------------------------------------------------- entering the path at a published folder

@@ -105,6 +105,13 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def staged_output(output: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``output``; on success move it to ``output`` atomically.
@@ -117,6 +124,7 @@ def staged_output(output: Path, force: bool = False) -> Iterator[Path]:
         remove_stale(output.parent, output.name)
         staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(output.name), suffix=".partial",
                                         dir=output.parent))
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the output folder follows the umask
     except OSError as exc:
         raise UserError(f"cannot create the output folder in {output.parent} ({exc.strerror}); "
                         "pass an --output in a writable folder.") from None

@@ -13,9 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-# Subprocesses (torchrun, demos) must import the installed mf_edge, not the checkout's ./mf_edge: the
-# source tree keeps converters/ and calibration/ beside it, so from the repo root it is a partial package.
-os.environ["PYTHONSAFEPATH"] = "1"
 
 
 @pytest.fixture(autouse=True)

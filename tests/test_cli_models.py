@@ -71,3 +71,52 @@ def test_unknown_name_is_one_error_line_with_close_matches() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown model 'cafromer_s18'.")
     assert "Did you mean: caformer_s18" in lines[0]
+
+
+def test_zoo_stats_table_matches_the_models() -> None:
+    """``zoo_stats.json`` (read by ``models``/``info`` without PyTorch) against meta-device builds: every
+    parameter count, and the counted MACs of one model per family (all of them under ``-m slow``)."""
+    from mf_edge.models.factory import model_stats
+    from mf_edge.models.stats import zoo_stats
+
+    for name in list_models():
+        assert zoo_stats(name)[:2] == model_stats(name)[:2], name
+    for name in ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18",
+                 "caformer_s18"):
+        assert zoo_stats(name) == model_stats(name, macs=True), name
+
+
+@pytest.mark.slow
+def test_zoo_stats_table_macs_of_every_model() -> None:
+    from mf_edge.models.stats import compute_table, zoo_stats
+
+    assert {name: list(zoo_stats(name)) for name in list_models()} == compute_table()
+
+
+def test_version_and_help_without_type_noise(capsys) -> None:
+    """``--version`` prints the version; on/off flags show no ``<bool>``; each command has an example."""
+    import mf_edge
+
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and out.strip() == f"mf-edge {mf_edge.__version__}"
+    for command in (["--help"], ["convert", "--help"], ["train", "--help"], ["bench", "--help"]):
+        code, out, _ = run_cli(command, capsys)
+        assert code == 0 and "<bool>" not in out, command
+        assert command == ["--help"] or "Example: mf-edge " + command[0] in out, command
+
+
+def test_light_commands_do_not_import_torch() -> None:
+    """``--help``, ``models`` and ``info`` start without PyTorch (7-10 s of imports on a slow host)."""
+    code = ("import sys; from mf_edge.cli import main\n"
+            "for argv in (['--help'], ['models'], ['info', 'caformer_s18']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_engine_default_max_batch_matches_the_converter() -> None:
+    from mf_edge.cli.engine import DEFAULT_MAX_BATCH
+    from mf_edge.converters.tensorrt import DEFAULT_MAX_BATCH as CONVERTER_DEFAULT
+
+    assert DEFAULT_MAX_BATCH == CONVERTER_DEFAULT

@@ -28,8 +28,20 @@ def model() -> torch.nn.Module:
 def test_default_precision_per_target(model, target: str, default: str) -> None:
     spec = pipeline.make_spec(model, get_target(target), image_size=SIZE)
     assert spec.precision == default and spec.input_shape == (1, 3, SIZE, SIZE)
-    expected = Path(f"mf-edge-out/identityformer_s12-{target}-{default}")
+    held = default if target != "tensorrt" or get_target(target).artifact.endswith("engine") else "onnx-fp32"
+    expected = Path(f"mf-edge-out/identityformer_s12-{SIZE}px-{target}-{held}")
     assert pipeline.default_output(spec, get_target(target)) == expected
+
+
+def test_default_output_names_size_and_weights(model) -> None:
+    """Regression: a 64 px random conversion's folder blocked converting a trained checkpoint."""
+    spec = pipeline.make_spec(model, get_target("onnx"), image_size=SIZE)
+    assert pipeline.default_output(spec, get_target("onnx"), "random").name == \
+        f"identityformer_s12-{SIZE}px-random-onnx-fp32"
+    assert pipeline.default_output(spec, get_target("onnx"), {"source": "path", "path": "/r/best.pt"}).name \
+        == f"identityformer_s12-{SIZE}px-best-onnx-fp32"
+    assert pipeline.default_output(spec, get_target("onnx"), model.mf_edge_weights).name == \
+        f"identityformer_s12-{SIZE}px-random-onnx-fp32"
 
 
 def test_unsupported_precision_is_a_user_error(model) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from mf_edge.publish import current_umask
+
 CSV_FIELDS = ("runtime", "target", "precision", "status", "size_mb", "load_ms", "latency_median_ms",
               "latency_p90_ms", "latency_min_ms", "throughput_ips", "throughput_batch", "peak_rss_mb",
               "peak_rss_batch_mb", "memory_mb", "cosine", "top1_agreement", "accuracy", "speedup_vs_pytorch",
@@ -75,8 +77,10 @@ def table(report: dict) -> tuple[Table, list[str]]:
     """The terminal table (one line per format, the float PyTorch model first) and its numbered notes."""
     reference = reference_row(report)
     out, notes = Table(title=title(report)), []
-    out.add_column("runtime")
-    out.add_column("precision")
+    names = [flat(row, reference) for row in report["rows"]]
+    # never cut a runtime's name ("execut..."): the number columns wrap their headers instead
+    out.add_column("runtime", no_wrap=True, min_width=max(len(f["runtime"]) for f in names))
+    out.add_column("precision", no_wrap=True)
     for header, *_ in COLUMNS:
         out.add_column(header, justify="right")
     out.add_column("status", no_wrap=True)
@@ -106,6 +110,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a report is as readable as any file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -139,11 +144,15 @@ def write_chart(report: dict, path: Path) -> None:
     reference = reference_row(report)
     points = [flat(row, reference) for row in report["rows"]]
     points = [p for p in points if p["latency_median_ms"] is not None and p["top1_agreement"] is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for p in points:
-        ax.scatter(p["latency_median_ms"], 100 * p["top1_agreement"], s=40)
-        ax.annotate(f"{p['runtime']} {p['precision']}", (p["latency_median_ms"], 100 * p["top1_agreement"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    markers = "osD^v<>ph*"
+    for i, p in enumerate(points):  # named in the legend: labels beside close points would overlap
+        ax.scatter(p["latency_median_ms"], 100 * p["top1_agreement"], s=45, marker=markers[i % len(markers)],
+                   label=f"{p['runtime']} {p['precision']}", clip_on=False, zorder=3)
+    lowest = min((100 * p["top1_agreement"] for p in points), default=100.0)
+    ax.set_ylim(max(0.0, lowest - max(2.0, 0.1 * (100 - lowest))), 100.0)  # agreement ends at 100 %
+    if points:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("latency per image, batch 1, median (ms, log scale)")
     ax.set_ylabel("top-1 agreement with float (%)")

@@ -29,7 +29,7 @@ from mf_edge.bench.measure import PYTORCH, latency_stats
 from mf_edge.console import note, step
 from mf_edge.converters import get_target
 from mf_edge.errors import UserError
-from mf_edge.pipeline import QUANTIZED_PRECISIONS, make_spec, prepare_for_target
+from mf_edge.pipeline import QUANTIZED_PRECISIONS, default_output, make_spec, prepare_for_target
 
 DEFAULT_TARGETS = ("executorch", "onnx", "coreml", "tensorrt")
 # What each target is benchmarked in when --precisions is not given.
@@ -147,6 +147,13 @@ def artifact_dir(config: BenchConfig, image_size: int, target: str, precision: s
     return root / f"{config.model}-{image_size}-{target}-{precision}"
 
 
+def converted_output(model, image_size: int, target: str, precision: str) -> Path:
+    """Where ``mf-edge convert`` publishes this request by default (``pipeline.default_output``)."""
+    chosen = get_target(target)
+    spec = make_spec(model, chosen, precision, image_size=image_size)
+    return default_output(spec, chosen, model.mf_edge_weights)
+
+
 def reusable(output: Path, model, image_size: int, target: str, precision: str, dynamic: bool,
              calib_data: Path | None = None) -> bool:
     """Whether ``output`` holds a published conversion of exactly this request, made with today's
@@ -203,7 +210,11 @@ def make_artifact(config: BenchConfig, model, image_size: int, target: str, prec
     dynamic = target in DYNAMIC_BATCH_TARGETS
     runtime = RUNTIME_NAMES.get(target, target)
     calib_data = config.calib_data or config.images if precision in QUANTIZED_PRECISIONS else None
-    if not config.rebuild and reusable(output, model, image_size, target, precision, dynamic, calib_data):
+    converted = converted_output(model, image_size, target, precision)  # `mf-edge convert`'s own folder
+    if not config.rebuild and reusable(converted, model, image_size, target, precision, dynamic, calib_data):
+        output = converted
+        note(f"reusing {output}")
+    elif not config.rebuild and reusable(output, model, image_size, target, precision, dynamic, calib_data):
         note(f"reusing {output}")
     else:
         ptq = {"calib_data": calib_data} if calib_data else None
@@ -240,8 +251,7 @@ def run_worker(job: dict, workdir: Path, tag: str) -> dict:
     """Run ``mf_edge.bench.measure`` in a fresh interpreter; its result or ``{"error": ...}``."""
     job_path, result_path = workdir / f"{tag}.job.json", workdir / f"{tag}.result.json"
     job_path.write_text(json.dumps(job))
-    # -P: never import from the working directory (in a source checkout it holds a partial ``mf_edge``)
-    command = [sys.executable, "-P", "-m", "mf_edge.bench.measure", str(job_path), str(result_path)]
+    command = [sys.executable, "-m", "mf_edge.bench.measure", str(job_path), str(result_path)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -292,6 +302,30 @@ def summarise(row: Row, reference: np.ndarray | None, images: BenchImages, workd
     return data
 
 
+def with_calibration_images(config: BenchConfig, pairs: list[tuple[str, str]], spec) -> BenchConfig:
+    """``config``, with the parity sample images as ``calib_data`` when a calibrated int8 row has no
+    calibration images (neither ``--calib-data`` nor ``--images``): int8 runs, with a note, not fails."""
+    from dataclasses import replace
+
+    from mf_edge.calibration.schemes import scheme_for
+
+    if config.calib_data or config.images:
+        return config
+    if not any(p in QUANTIZED_PRECISIONS and scheme_for(t, p).calibrated for t, p in pairs):
+        return config
+    from mf_edge.data import DEFAULT_NOISE_IMAGES, noise_images, sample_images
+
+    folder = (config.artifacts or DEFAULT_ARTIFACTS) / f"parity-images-{spec.image_size}px"
+    pictures = sample_images() + noise_images(DEFAULT_NOISE_IMAGES, spec.image_size)
+    if len(list(folder.glob("*.png"))) != len(pictures):
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, (_, picture) in enumerate(pictures):
+            picture.save(folder / f"{index:02d}.png")
+    note(f"int8 calibrates on the {len(pictures)} parity sample images ({folder}): its accuracy is only "
+         "indicative; pass --calib-data DIR (or --images DIR) with representative images")
+    return replace(config, calib_data=folder)
+
+
 def tag_of(row: Row) -> str:
     runtime = "executorch-cpp" if row.runtime == native.RUNTIME else row.runtime
     return f"{runtime}-{row.target or 'eager'}-{row.precision}"
@@ -329,6 +363,7 @@ def run_bench(config: BenchConfig) -> dict:
     model = load_model(config.model, config.weights, image_size=config.image_size, seed=config.seed)
     spec = make_spec(model, get_target(pairs[0][0]), pairs[0][1], config.image_size)
     image_size = spec.image_size
+    config = with_calibration_images(config, pairs, spec)
     images = bench_images(spec, config.images, config.num_images)
 
     rows = [Row(PYTORCH, None, "fp32", "measured", note="reference (float model, eager)",

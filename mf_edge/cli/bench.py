@@ -30,12 +30,13 @@ def split_list(value: str | None) -> tuple[str, ...] | None:
 @app.command("bench")
 def bench_command(
     model: str = typer.Argument(..., help="Zoo name, e.g. convformer_s18 (see `mf-edge models`)."),
-    targets: str = typer.Option("executorch,onnx,coreml,tensorrt", "--targets",
+    targets: str = typer.Option("executorch,onnx,coreml,tensorrt", "--target", "-t",
+                                "--targets",
                                 help="Comma-separated targets, each optionally as target:precision "
                                 "(e.g. executorch:int8); PyTorch eager fp32 is always measured."),
-    precisions: str = typer.Option(None, "--precisions", help="Comma-separated precisions (default per "
-                                   "target: ExecuTorch fp32,int8,w8; ONNX fp32,int8; Core ML, TensorRT "
-                                   "fp16)."),
+    precisions: str = typer.Option(None, "--precision", "-p", "--precisions",
+                                   help="Comma-separated precisions (default per target: ExecuTorch "
+                                   "fp32,int8,w8; ONNX fp32,int8; Core ML, TensorRT fp16)."),
     weights: str = typer.Option("imagenet", "--weights", help="imagenet, random or a checkpoint path."),
     images: Path = typer.Option(None, "--images", help="Image folder for fidelity (and int8 calibration); "
                                 "class subfolders give accuracy too (default: the parity sample images)."),
@@ -48,7 +49,7 @@ def bench_command(
                                "pool the timings (steadier numbers on a shared machine)."),
     threads: int = typer.Option(None, "--threads", help="Threads for every runtime (default: all cores)."),
     image_size: int = typer.Option(None, "--image-size", help="Input size (default: the model's)."),
-    batch: int = typer.Option(8, "--batch", help="Batch for the throughput measurement."),
+    batch: int = typer.Option(8, "--batch-size", "--batch", help="Batch for the throughput measurement."),
     artifacts: Path = typer.Option(None, "--artifacts", help="Where converted artifacts are kept and reused "
                                    "(default: mf-edge-out/bench)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Convert again even where a matching artifact "
@@ -58,7 +59,10 @@ def bench_command(
     seed: int = typer.Option(0, "--seed", help="Seed of random weights."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Size, load time, latency, throughput, peak memory and fidelity of every format, side by side."""
+    """Size, load time, latency, throughput, peak memory and fidelity of every format, side by side.
+
+    Example: mf-edge bench convformer_s18 --target executorch,onnx --images ~/data/val
+    """
     from mf_edge.bench import BenchConfig, report, run_bench
 
     set_quiet(quiet)
@@ -88,7 +92,8 @@ def sensitivity_command(
     image_size: int = typer.Option(None, "--image-size", help="Input size (default: the model's)."),
     calib_size: int = typer.Option(32, "--calib-size", help="Images to calibrate on."),
     eval_size: int = typer.Option(32, "--eval-size", help="Further images the effects are measured on."),
-    observer: str = typer.Option(None, "--observer", help="Activation observer (default: PTQ's default)."),
+    observer: str = typer.Option(None, "--observer", help="Activation observer: minmax, ema, percentile, "
+                                 "mse (default) or entropy."),
     layers: list[str] = typer.Option(None, "--layers", help="Only layers matching these shell patterns."),
     max_drop: float = typer.Option(None, "--max-drop", help="Also choose the fewest worst layers to keep in "
                                    "float for a drop <= this (see --metric)."),
@@ -101,7 +106,10 @@ def sensitivity_command(
     seed: int = typer.Option(0, "--seed", help="Seed of random weights and of the image sample."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Quantize one layer at a time with the target's int8 scheme and rank the layers by their effect."""
+    """Quantize one layer at a time with the target's int8 scheme and rank the layers by their effect.
+
+    Example: mf-edge sensitivity convformer_s18 --calib-data ~/data/val --target executorch
+    """
     import torch
 
     from mf_edge.bench.report import write_json

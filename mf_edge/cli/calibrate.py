@@ -37,7 +37,10 @@ def calibrate_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, only the result line."),
 ) -> None:
     """Run calibration images through the model once and save the activation ranges for `convert
-    --calibration FILE` (int8 for every target without calibrating again)."""
+    --calibration FILE` (int8 for every target without calibrating again).
+
+    Example: mf-edge calibrate convformer_s18 --calib-data ~/data/val --calib-size 256
+    """
     from mf_edge.calibration.calibrate import calibrate, save_new
     from mf_edge.calibration.observers import DEFAULT_OBSERVER
     from mf_edge.pipeline import load_model

@@ -72,7 +72,8 @@ def convert_command(
     calibration: Path = typer.Option(None, "--calibration", help=PTQ_HELP + "saved calibration file."),
     calib_data: Path = typer.Option(None, "--calib-data", help=PTQ_HELP + "folder of calibration images."),
     calib_size: int = typer.Option(256, "--calib-size", help=PTQ_HELP + "calibration images to use."),
-    observer: str = typer.Option(None, "--observer", help=PTQ_HELP + "activation observer."),
+    observer: str = typer.Option(None, "--observer", help=PTQ_HELP + "activation observer: minmax, ema, "
+                                 "percentile, mse (default) or entropy."),
     keep_float: list[str] = typer.Option(None, "--keep-float", help=PTQ_HELP + "module name pattern left in "
                                          "float (repeatable)."),
     max_drop: float = typer.Option(None, "--max-drop", help=PTQ_HELP + "largest accepted drop in "
@@ -88,7 +89,10 @@ def convert_command(
     max_batch: int = typer.Option(None, "--max-batch", help="TensorRT: largest batch of the --dynamic-batch "
                                   "profile."),
 ) -> None:
-    """Convert a model for a target, verify it in the target's runtime and publish the output folder."""
+    """Convert a model for a target, verify it in the target's runtime and publish the output folder.
+
+    Example: mf-edge convert convformer_s18 --target coreml --weights random
+    """
     from mf_edge.converters import get_target
     from mf_edge.pipeline import convert
 
@@ -101,11 +105,32 @@ def convert_command(
     result = convert(model, target, precision=precision, weights=weights, image_size=image_size,
                      batch_size=batch_size, dynamic_batch=dynamic_batch, images=images, output=output,
                      force=force, seed=seed, target_options=options, ptq_options=ptq)
-    status = result.parity["status"]
-    Console().print(f"{result.artifact}  (parity: {status}"
-                    + (f", {result.parity['reason']})" if status != "pass" else ")"), highlight=False,
-                    markup=False)
+    Console().print(f"{result.artifact}  ({end_note(result.parity, result.manifest, quiet)})",
+                    highlight=False, markup=False)
     Console().print(chosen.next_step.format(output=result.output), highlight=False, markup=False)
+
+
+RUNTIME_WORDS = {"coreml-reference": "mf-edge's Core ML reference executor (Core ML itself needs macOS)"}
+
+
+def end_note(report: dict, manifest: dict, quiet: bool) -> str:
+    """What the result line says about parity: where it ran, why not, and whether the weights were random.
+
+    A reason already printed by the notes above (not ``quiet``) is not repeated.
+    """
+    status = report["status"]
+    if status == "not run":
+        text = f"parity not run here: {report['reason']}" if quiet else "parity not run here (why: above)"
+        if "onnx" in report:
+            text += f"; its ONNX: {report['onnx']['status']} in {report['onnx'].get('runtime')}"
+    else:
+        runtime = report.get("runtime")
+        text = f"parity {status} in {RUNTIME_WORDS.get(runtime, runtime)}"
+        if status != "pass":
+            text += f", {report['reason']}"
+    if (manifest.get("weights") or {}).get("source") == "random":
+        text += "; random weights: the predictions mean nothing"
+    return text
 
 
 def _parity_table(report: dict) -> Table:
@@ -131,7 +156,10 @@ def parity_command(
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
 ) -> None:
-    """Re-run the parity check of an existing artifact against the float model it was made from."""
+    """Re-run the parity check of an existing artifact against the float model it was made from.
+
+    Example: mf-edge parity mf-edge-out/convformer_s18-224px-onnx-fp32
+    """
     from mf_edge import parity as parity_lib
     from mf_edge.manifest import strict_json
     from mf_edge.pipeline import recheck
@@ -154,7 +182,10 @@ def predict_command(
     images: list[Path] = typer.Argument(..., help="Images to classify."),
     top: int = typer.Option(5, "--top", help="Classes to print per image."),
 ) -> None:
-    """Classify images with a converted artifact, in its own runtime: top classes with ImageNet names."""
+    """Classify images with a converted artifact, in its own runtime: top classes with their names.
+
+    Example: mf-edge predict mf-edge-out/convformer_s18-224px-onnx-fp32 cat.jpg
+    """
     from mf_edge.pipeline import predict
 
     check_top(top)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -13,10 +12,11 @@ from rich.table import Table
 from mf_edge.cli import app
 from mf_edge.cli.convert import check_top
 from mf_edge.console import note
-from mf_edge.converters.tensorrt import DEFAULT_MAX_BATCH, TensorRTRuntime, build_engine, plan_engine
 from mf_edge.errors import UserError
 from mf_edge.models.zoo import IMAGENET_MEAN, IMAGENET_STD, get_model_info
 from mf_edge.paths import not_a_file
+
+DEFAULT_MAX_BATCH = 8  # converters.tensorrt.DEFAULT_MAX_BATCH, not imported: it loads PyTorch
 
 engine_app = typer.Typer(help="Build and run TensorRT engines (on the NVIDIA device that will run them).",
                          no_args_is_help=True)
@@ -36,7 +36,12 @@ def build_command(
     output: Path = typer.Option(None, "--output", "-o", help="Engine path (default: beside the ONNX, "
                                 ".engine)."),
 ) -> None:
-    """Build a TensorRT engine from a TensorRT-ready ONNX on this GPU."""
+    """Build a TensorRT engine from a TensorRT-ready ONNX on this GPU.
+
+    Example: mf-edge engine build mf-edge-out/convformer_s18-224px-tensorrt-onnx-fp32/model.onnx
+    """
+    from mf_edge.converters.tensorrt import build_engine, plan_engine
+
     plan = plan_engine(onnx, precision, workspace, timing_cache, max_batch)
     target = output or onnx.with_suffix(".engine")
     facts = build_engine(plan, target)
@@ -55,7 +60,14 @@ def run_command(
     model: str = typer.Option(None, "--model", help="Zoo name whose eval transform to use (default: the "
                               "zoo's ImageNet one: bicubic, crop 1.0, ImageNet mean/std)."),
 ) -> None:
-    """Run a TensorRT engine on images (or a random batch) and print the top classes and latency."""
+    """Run a TensorRT engine on images (or a random batch) and print the top classes and latency.
+
+    Example: mf-edge engine run model.engine cat.jpg --model convformer_s18
+    """
+    import numpy as np
+
+    from mf_edge.converters.tensorrt import TensorRTRuntime
+
     problem = not_a_file(engine)
     if problem:
         raise UserError(f"{engine} {problem}; build it with `mf-edge engine build model.onnx`.")
@@ -90,7 +102,7 @@ def run_command(
                     f"over {len(timings)} runs")
 
 
-def _image_batch(images: list[Path], image_size: int, model: str | None) -> np.ndarray:
+def _image_batch(images: list[Path], image_size: int, model: str | None):
     """Images -> the eval transform (of ``model``, else the zoo's ImageNet one) -> normalised batch."""
     from mf_edge.data import load_image, preprocess
     from mf_edge.spec import ExportSpec, Preprocessing
@@ -102,7 +114,9 @@ def _image_batch(images: list[Path], image_size: int, model: str | None) -> np.n
     return preprocess([load_image(path) for path in images], prep)
 
 
-def _print_top(names: list[str], logits: np.ndarray, top: int) -> None:
+def _print_top(names: list[str], logits, top: int) -> None:
+    import numpy as np
+
     from mf_edge.labels import label_name, labels_for
 
     labels = labels_for(logits.shape[1])

@@ -10,7 +10,7 @@ from rich.table import Table
 from mf_edge.cli import app
 from mf_edge.errors import UserError
 from mf_edge.models import get_model_info, list_models
-from mf_edge.models.factory import ModelStats, model_stats
+from mf_edge.models.stats import ModelStats, zoo_stats
 from mf_edge.models.zoo import WEIGHTS_LICENSE, ModelInfo
 
 TABLE_WIDTH = 80  # the zoo table fits in this many columns
@@ -26,7 +26,10 @@ def _millions(stats: ModelStats) -> str:
 def models_command(
     pattern: str = typer.Argument(None, help="Shell-style filter, e.g. 'caformer_*'."),
 ) -> None:
-    """List the model zoo: name, parameters, MACs, official top-1 and input size."""
+    """List the model zoo: name, parameters, MACs, official top-1 and input size.
+
+    Example: mf-edge models 'caformer_*'
+    """
     names = list_models(pattern)
     if not names:
         raise UserError(f"no model matches {pattern!r}; run `mf-edge models` for the full list.")
@@ -37,7 +40,7 @@ def models_command(
         table.add_column(column, justify="right", no_wrap=True)
     for name in names:
         info = get_model_info(name)
-        table.add_row(name, _millions(model_stats(name)), f"{info.macs_g:.1f}" if info.macs_g else "-",
+        table.add_row(name, _millions(zoo_stats(name)), f"{info.macs_g:.1f}" if info.macs_g else "-",
                       f"{info.top1:.1f}" if info.top1 else "-", str(info.image_size), info.pretrain)
     console = Console()
     if console.width < TABLE_WIDTH:  # never squeeze a name: let a narrow terminal wrap the line instead
@@ -85,8 +88,11 @@ def describe(info: ModelInfo, stats: ModelStats) -> list[tuple[str, str]]:
 
 @app.command("info")
 def info_command(name: str = typer.Argument(..., help="A model name from `mf-edge models`.")) -> None:
-    """Show one model's metadata: architecture, preprocessing, accuracy, size, cost and weights."""
+    """Show one model's metadata: architecture, preprocessing, accuracy, size, cost and weights.
+
+    Example: mf-edge info convformer_s18
+    """
     info = get_model_info(name)
     console = Console()
-    for field, value in describe(info, model_stats(name, macs=True)):
+    for field, value in describe(info, zoo_stats(name)):
         console.print(f"[bold]{field:<17}[/bold] {value}", highlight=False, soft_wrap=True)

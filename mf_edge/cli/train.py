@@ -14,7 +14,8 @@ def train_command(
     model: str = typer.Argument(..., help="Zoo model name, e.g. convformer_s18 (see `mf-edge models`)."),
     data: Path = typer.Option(..., "--data", help="ImageFolder root with train/ and val/ (or test/), or one "
                               "folder of class sub-folders to split."),
-    weights: str = typer.Option("random", help="imagenet, random or a checkpoint path to start from."),
+    weights: str = typer.Option("imagenet", help="imagenet (default, as in every command), random or a "
+                                "checkpoint path to start from."),
     num_classes: int = typer.Option(None, help="Number of classes (default: the data's class folders)."),
     epochs: int = typer.Option(10, help="Epochs to train."),
     batch_size: int = typer.Option(64, help="Batch size per process."),
@@ -49,6 +50,8 @@ def train_command(
 
     Writes last.pt (every epoch, for --resume), best.pt, metrics.csv and metrics.png to --output.
     Run under `torchrun --nproc_per_node=N` for DistributedDataParallel.
+
+    Example: mf-edge train convformer_s18 --data ~/data/flowers --epochs 30 --lr 1e-4
     """
     from mf_edge.train import TrainConfig, train
 

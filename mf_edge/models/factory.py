@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -14,6 +13,7 @@ from mf_edge.console import note
 from mf_edge.errors import UserError
 from mf_edge.models.layers import MlpHead
 from mf_edge.models.metaformer import MetaFormer
+from mf_edge.models.stats import ModelStats
 from mf_edge.models.zoo import get_model_info
 
 DEFAULT_SEED = 0
@@ -34,14 +34,19 @@ def create_model(
     checkpoint from the Hugging Face Hub, cached) or a path to an official- or timm-layout
     checkpoint. ``num_classes`` different from the checkpoint's re-initialises the classifier.
     ``image_size`` only matters for RandFormer, whose frozen mixing matrices are sized by the
-    token count (the official checkpoints fix it to 224).
+    token count (the official checkpoints fix it to 224). A checkpoint written by ``mf-edge train``
+    gives the defaults of ``image_size`` (the size it was trained at) and of the class names
+    (``mf_edge.trained``).
 
-    The returned model carries ``mf_edge_info`` (its ``ModelInfo``) and ``mf_edge_weights``
-    (``source``, ``path``, ``sha256``, ``layout``, ``seed``).
+    The returned model carries ``mf_edge_info`` (its ``ModelInfo``), ``mf_edge_image_size`` (the size
+    it was built for) and ``mf_edge_weights`` (``source``, ``path``, ``sha256``, ``layout``, ``seed``,
+    and ``trained``, the training checkpoint's facts, with ``classes`` when the head is the trained one).
     """
+    from mf_edge.trained import read_trained_facts, trained_defaults
     from mf_edge.weights import checkpoint_num_classes, load_checkpoint, load_into, sha256_file
 
     info = get_model_info(name)
+    image_size, _ = trained_defaults(info.name, weights, image_size, None)
     size = check_image_size(info.image_size if image_size is None else image_size)
     options = {"image_size": size, "drop_path_rate": drop_path_rate, "head_dropout": head_dropout}
     record: dict = {"source": "random", "path": None, "sha256": None, "layout": None, "seed": seed}
@@ -63,8 +68,14 @@ def create_model(
                      f"(the checkpoint has {head_classes})")
                 model.reset_classifier(num_classes)
                 record["seed"] = seed
+            trained = read_trained_facts(weights)
+            if trained is not None:
+                record["trained"] = trained.to_dict()
+                if model.num_classes != len(trained.classes):  # a new head: the names no longer apply
+                    record["trained"].pop("classes")
     model.mf_edge_weights = record  # type: ignore[attr-defined]
     model.mf_edge_info = info  # type: ignore[attr-defined]
+    model.mf_edge_image_size = size  # type: ignore[attr-defined]
     return model.eval()
 
 
@@ -111,14 +122,6 @@ def count_macs(model: torch.nn.Module, image_size: int = 224) -> int:
     with counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() // 2
-
-
-class ModelStats(NamedTuple):
-    """Sizes of one registered model at its native input size."""
-
-    params: int
-    frozen_params: int
-    macs: int | None
 
 
 def _meta_build(arch: str, num_classes: int, image_size: int) -> MetaFormer:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from mf_edge.models.config import MIXERS, MetaFormerConfig
 from mf_edge.models.layers import (
     Attention,
     Downsampling,
@@ -22,25 +22,6 @@ from mf_edge.models.layers import (
     Scale,
     SepConv,
 )
-
-MIXERS = ("identity", "random", "pooling", "sepconv", "attention")
-
-
-@dataclass(frozen=True)
-class MetaFormerConfig:
-    """Architecture of one MetaFormer baseline.
-
-    ``mixers`` names the token mixer of each stage (one of ``MIXERS``); ``group_norm`` selects the
-    "modified LayerNorm" over ``(H, W, C)`` (IdentityFormer, RandFormer, PoolFormerV2) instead of a
-    LayerNorm over ``C``; ``mlp_head`` selects ``MlpHead`` instead of a single Linear.
-    """
-
-    depths: tuple[int, int, int, int]
-    dims: tuple[int, int, int, int]
-    mixers: tuple[str, str, str, str]
-    group_norm: bool = False
-    mlp_head: bool = False
-    res_scale: tuple[float | None, ...] = field(default=(None, None, 1.0, 1.0))
 
 
 class MetaFormerBlock(nn.Module):

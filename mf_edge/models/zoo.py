@@ -12,7 +12,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from mf_edge.errors import UserError
-from mf_edge.models.metaformer import MetaFormerConfig
+from mf_edge.models.config import MetaFormerConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

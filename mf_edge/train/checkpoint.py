@@ -25,8 +25,8 @@ from mf_edge.console import note
 from mf_edge.errors import UserError
 from mf_edge.paths import not_a_file
 from mf_edge.publish import partial_file
+from mf_edge.trained import FORMAT
 
-FORMAT = "mf-edge-train/1"
 LAST = "last.pt"
 BEST = "best.pt"
 

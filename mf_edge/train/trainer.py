@@ -39,6 +39,7 @@ from mf_edge.train.loop import (
 )
 from mf_edge.train.metrics import plot, write_csv
 from mf_edge.train.optim import build_optimizer, build_scheduler
+from mf_edge.trained import trained_defaults
 
 
 @dataclass
@@ -70,7 +71,9 @@ class _Run:
         seed_everything(config.seed * 1_000 + context.rank)
         info = get_model_info(config.model)
         resume = load_resume(config.resume) if config.resume else None
-        self.spec = ExportSpec.for_model(info, config.image_size, batch_size=config.batch_size)
+        # a training checkpoint given as --weights sets the default image size (also when resuming)
+        image_size, _ = trained_defaults(info.name, config.weights, config.image_size, None)
+        self.spec = ExportSpec.for_model(info, image_size, batch_size=config.batch_size)
         self.data = load_image_data(config.data, self.spec.preprocessing, config.min_crop_scale,
                                     config.val_fraction, config.seed)
         self.num_classes = self._check_classes(self.data)
