@@ -84,7 +84,8 @@ def test_amp_on_cpu_is_a_user_error() -> None:
 def test_amp_on_cpu_from_the_cli(cifar10_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "poolformerv2_s12", "--data", str(cifar10_small), "--image-size", "32",
-              "--device", "cpu", "--amp", "--workers", "0", "--output", str(tmp_path / "out")])
+              "--device", "cpu", "--amp", "--workers", "0", "--weights", "random",
+              "--output", str(tmp_path / "out")])
     output = capsys.readouterr().err.strip()
     assert exit_info.value.code == UserError.exit_code
     assert output.splitlines()[-1].startswith("error: --amp needs a CUDA device"), output
@@ -143,7 +144,7 @@ def test_train_cli_gpu_beyond_the_count(monkeypatch: pytest.MonkeyPatch, tmp_pat
     fake_gpus(monkeypatch, count=1)
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "poolformerv2_s12", "--data", str(tmp_path), "--device", "cuda:3",
-              "--output", str(tmp_path / "out")])
+              "--weights", "random", "--output", str(tmp_path / "out")])
     output = capsys.readouterr().err.strip()
     assert exit_info.value.code == UserError.exit_code
     assert output == ("error: --device cuda:3 asks for GPU 3, but this host has 1 (cuda:0 to cuda:0); "
@@ -227,7 +228,7 @@ def test_two_gpu_nccl_ddp_with_amp(cifar10_small: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "mf_edge.train", "poolformerv2_s12", "--data", str(cifar10_small), "--image-size", "32",
                "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "3", "--workers", "0",
-               "--device", "cuda", "--amp", "--output", str(tmp_path)]
+               "--device", "cuda", "--amp", "--weights", "random", "--output", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]

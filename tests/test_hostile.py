@@ -497,7 +497,8 @@ def earlier_run(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def train_argv(data: Path, output: Path, *extra: str) -> list[str]:
     return ["train", "poolformerv2_s12", "--data", str(data), "--image-size", "32", "--batch-size", "8",
-            "--max-steps-per-epoch", "1", "--workers", "0", "--device", "cpu", "--output", str(output),
+            "--max-steps-per-epoch", "1", "--workers", "0", "--device", "cpu", "--weights", "random",
+            "--output", str(output),
             *extra]
 
 

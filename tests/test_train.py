@@ -80,7 +80,7 @@ def test_two_process_gloo_ddp(cifar10_small: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "mf_edge.train", MODEL, "--data", str(cifar10_small), "--image-size", str(SIZE),
                "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "3", "--workers", "0",
-               "--device", "cpu", "--output", str(tmp_path)]
+               "--device", "cpu", "--weights", "random", "--output", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -107,7 +107,7 @@ def test_data_without_class_folders(tmp_path: Path, capsys: pytest.CaptureFixtur
     (tmp_path / "images" / "a.jpg").write_bytes(b"")
     with pytest.raises(SystemExit) as exit_info:
         main(["train", MODEL, "--data", str(tmp_path / "images"), "--image-size", "32", "--device", "cpu",
-              "--output", str(tmp_path / "out")])
+              "--weights", "random", "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and "one sub-folder of images per class" in error

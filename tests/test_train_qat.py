@@ -126,7 +126,8 @@ def test_qat_two_process_gloo_ddp(cifar10_small: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "mf_edge.train", MODEL, "--data", str(cifar10_small), "--image-size", str(SIZE),
                "--epochs", "2", "--batch-size", "8", "--max-steps-per-epoch", "2", "--workers", "0",
-               "--device", "cpu", "--qat", "--target", "executorch", "--calib-size", "16",
+               "--device", "cpu", "--weights", "random", "--qat", "--target", "executorch",
+               "--calib-size", "16",
                "--output", str(tmp_path / "qat")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
