@@ -11,17 +11,16 @@ Everything else in those networks (stem, norms, MLPs, downsampling, head) is tim
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
+from timm.models.metaformer import GroupNorm1NoBias
+from timm.models.metaformer import MetaFormer as TimmMetaFormer
 from torch import nn
 
 from mf_edge.errors import UserError
 from mf_edge.layouts import detect_layout, official_to_timm, timm_to_official
 from mf_edge.models import MetaFormer, count_params, create_model, get_model_info, list_models
 from mf_edge.weights import save_state_dict
-
-timm = pytest.importorskip("timm", reason="timm is the reference implementation (pip install '.[test]')")
-from timm.models.metaformer import GroupNorm1NoBias  # noqa: E402
-from timm.models.metaformer import MetaFormer as TimmMetaFormer  # noqa: E402
 
 IMAGE_SIZE = 64
 SMALLEST = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
