@@ -2,8 +2,10 @@
 
 ``compare`` turns two logit arrays into metrics; ``evaluate`` runs a runtime and one or more
 references (``"float"``: the float model; ``"simulated"``: the PTQ simulation of a quantized model)
-on the same inputs and checks the metrics against ``THRESHOLDS[precision][reference]``. The result
-is the ``parity.json`` report; ``raise_on_failure`` turns a failing report into ``ParityFailure``.
+on the same inputs and checks the metrics against ``THRESHOLDS[precision][reference]``; a runtime
+that emulates fp16 (the Core ML reference executor) adds its range findings as ``fp16``, and an fp16
+overflow fails. The result is the ``parity.json`` report; ``raise_on_failure`` turns a failing report
+into ``ParityFailure``.
 """
 
 from __future__ import annotations
@@ -147,14 +149,29 @@ def evaluate(runtime: Runtime, inputs: ParityInputs, references: dict[str, np.nd
         missed = failures(metrics, thresholds, name)
         results[name] = {"metrics": metrics, "thresholds": thresholds, "enforced": bool(thresholds),
                          "passed": not missed, "failures": missed}
+    findings = fp16_findings(runtime)
+    overflows = [f"fp16 overflow at {f['op_name']} ({f['op_type']}, max |x| {f['peak']:.4g})"
+                 for f in findings or [] if f["kind"] == "overflow"]
     enforced = [r for r in results.values() if r["enforced"]]
     nonfinite = any(_has_nonfinite(r["metrics"]) for r in results.values())
-    status = PASS if enforced and all(r["passed"] for r in enforced) and not nonfinite else FAIL
+    passed = enforced and all(r["passed"] for r in enforced)
+    status = PASS if passed and not nonfinite and not overflows else FAIL
+    problems = [f"vs {n}: {', '.join(r['failures'])}" for n, r in results.items() if r["failures"]]
+    problems += overflows
     reason = None if status == PASS else (
-        "; ".join(f"vs {n}: {', '.join(r['failures'])}" for n, r in results.items() if r["failures"])
-        or f"no enforced reference for precision {precision}")
-    return {"status": status, "reason": reason, "precision": precision, "runtime": runtime.name,
-            "inputs": inputs.describe(), "references": results}
+        "; ".join(problems) or f"no enforced reference for precision {precision}")
+    report = {"status": status, "reason": reason, "precision": precision, "runtime": runtime.name,
+              "inputs": inputs.describe(), "references": results}
+    if findings is not None:
+        report["fp16"] = findings
+    return report
+
+
+def fp16_findings(runtime: Runtime) -> list[dict] | None:
+    """The fp16 range findings a runtime keeps (the Core ML reference executor's ``report``: overflow,
+    inf/nan, underflow per op), or ``None`` for a runtime that keeps none. An overflow fails parity."""
+    report = getattr(runtime, "report", None)
+    return None if report is None else report.to_list()
 
 
 def _has_nonfinite(metrics: dict) -> bool:

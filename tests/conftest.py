@@ -1,4 +1,5 @@
-"""Shared fixtures: the CIFAR-10 JPEGs from ../shared/data (skipped with a reason when absent)."""
+"""Shared fixtures: the CIFAR-10 JPEGs from ../shared/data (skipped with a reason when absent, a failure
+in CI), and a temporary mf-edge cache for the whole session."""
 
 from __future__ import annotations
 
@@ -13,6 +14,34 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def in_ci() -> bool:
+    """``CI`` set to true (GitHub Actions, GitLab, most CI services set ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def require_data(path: Path, reason: str) -> None:
+    """Skip a test whose data ``path`` is absent, with ``reason``; in CI fail it instead, so that a
+    lost data folder cannot turn 40 tests into silent skips."""
+    if path.exists():
+        return
+    if in_ci():
+        pytest.fail(f"{reason}; CI=true, so missing test data is a failure, not a skip", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_mf_edge_cache(tmp_path_factory: pytest.TempPathFactory):
+    """``MF_EDGE_CACHE`` in a session temp folder: calibration caches and downloads never land in the
+    user's ``~/.cache/mf-edge`` (a test that needs its own cache still sets it with monkeypatch)."""
+    previous = os.environ.get("MF_EDGE_CACHE")
+    os.environ["MF_EDGE_CACHE"] = str(tmp_path_factory.mktemp("mf-edge-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MF_EDGE_CACHE", None)
+    else:
+        os.environ["MF_EDGE_CACHE"] = previous
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +67,8 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``.../cifar10`` with ``train/`` and ``test/`` ImageFolder trees, extracted once per session."""
-    if not CIFAR_TARBALL.exists():
-        pytest.skip(f"CIFAR-10 data not found at {CIFAR_TARBALL} "
-                    "(../shared is only beside dev and CI clones)")
+    require_data(CIFAR_TARBALL, f"CIFAR-10 data not found at {CIFAR_TARBALL} "
+                 "(../shared is only beside dev and CI clones)")
     cache = Path(os.environ.get("MF_EDGE_TEST_DATA", tmp_path_factory.getbasetemp() / "data"))
     root = cache / "cifar10"
     if not (root / "test").is_dir():

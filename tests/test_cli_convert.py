@@ -81,7 +81,9 @@ def test_bad_input_is_one_line_error(args: list[str], message: str, tmp_path: Pa
                                      capsys: pytest.CaptureFixture) -> None:
     code, _, err = run(["convert", "identityformer_s12", *args, "--output", str(tmp_path / "out")], capsys)
     assert code == 2 and "Traceback" not in err
-    assert err.startswith("error: ") and message in " ".join(err.split())
+    # exactly one line (a multi-line message used to pass once its lines were joined for the match)
+    assert err.startswith("error: ") and err.count("\n") == 1 and err.endswith("\n"), err
+    assert message in err
     assert not (tmp_path / "out").exists()
 
 

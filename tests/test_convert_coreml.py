@@ -9,9 +9,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
+from coremltools.proto import MIL_pb2
 from torchvision.transforms import v2
 
 from mf_edge import create_model
@@ -29,9 +31,6 @@ from mf_edge.converters.coreml import (
 from mf_edge.errors import RuntimeUnavailable, UserError
 from mf_edge.models.zoo import WEIGHTS_LICENSE, get_model_info
 from mf_edge.spec import ExportSpec
-
-ct = pytest.importorskip("coremltools")
-from coremltools.proto import MIL_pb2  # noqa: E402
 
 SIZE = 64
 FAMILIES = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
@@ -193,14 +192,6 @@ def test_non_pixel_batch_is_refused() -> None:
         to_pixels(spec.example_input().numpy(), spec.preprocessing.mean, spec.preprocessing.std)
 
 
-def has_reference_executor() -> bool:
-    try:
-        from mf_edge.coreml_reference import load_reference  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def pixel_batch(spec: ExportSpec, count: int = 2, seed: int = 0) -> torch.Tensor:
     """Normalised batch made from random 8-bit RGB pixels, as parity inputs are."""
     shape = (count, spec.image_size, spec.image_size, 3)
@@ -235,15 +226,11 @@ def check_reference_parity(package: Path, spec: ExportSpec) -> None:
 
 @pytest.mark.parametrize("name", ["identityformer_s12", "caformer_s18"])
 def test_reference_parity(fp16_packages: dict[str, Path], name: str) -> None:
-    if not has_reference_executor():
-        pytest.skip("mf_edge.coreml_reference (the Linux Core ML reference executor) is not installed")
     check_reference_parity(fp16_packages[name], ExportSpec.for_model(get_model_info(name), image_size=SIZE,
                                                                      precision="fp16"))
 
 
 def test_classifier_reference_parity(fp32_classifier: Path) -> None:
-    if not has_reference_executor():
-        pytest.skip("mf_edge.coreml_reference (the Linux Core ML reference executor) is not installed")
     spec = ExportSpec.for_model(get_model_info("identityformer_s12"), image_size=SIZE, precision="fp32",
                                 classifier=True)
     runtime = get_target("coreml").runtime(fp32_classifier.parent, spec)
@@ -263,8 +250,7 @@ def test_full_size_fp16_conversion(tmp_path: Path, name: str) -> None:
     desc = ct.utils.load_spec(str(package)).description
     assert (desc.input[0].type.imageType.width, desc.input[0].type.imageType.height) == (224, 224)
     assert list(desc.output[0].type.multiArrayType.shape) == [1, 1000]
-    if has_reference_executor():
-        check_reference_parity(package, spec)
+    check_reference_parity(package, spec)  # the executor is part of mf-edge: never skipped
 
 
 def test_missing_package_is_a_user_error(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import executorch.runtime  # noqa: F401  (required: parity runs in it)
 import numpy as np
 import pytest
 import torch
@@ -21,8 +22,6 @@ from mf_edge.converters import get_target
 from mf_edge.converters.xnnpack_rewrites import rewrite_for_xnnpack
 from mf_edge.parity import compare, reference_logits
 from mf_edge.pipeline import Conversion, load_published, rebuild_float_model
-
-pytest.importorskip("executorch.runtime")
 
 SIZE = 64
 FAMILIES = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")

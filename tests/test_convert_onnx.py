@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime  # noqa: F401  (required: parity runs in it)
 import pytest
 import torch
 
@@ -13,9 +15,6 @@ from mf_edge import convert
 from mf_edge.converters.onnx import OPSET
 from mf_edge.parity import compare, reference_logits
 from mf_edge.pipeline import load_published, rebuild_float_model
-
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
 
 SIZE = 64
 FAMILIES = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
@@ -26,8 +27,6 @@ from mf_edge.models.metaformer import MetaFormer
 from mf_edge.models.zoo import get_model_info
 from mf_edge.parity import compare
 from mf_edge.spec import ExportSpec
-
-ct = pytest.importorskip("coremltools")
 
 FAMILIES = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
 PRECISIONS = ("fp32", "fp16", "w8", "w8a8")

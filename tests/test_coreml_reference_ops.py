@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
@@ -14,8 +15,6 @@ from torch import nn
 from mf_edge.coreml_reference import UnsupportedOpError, load_reference, supported_ops
 from mf_edge.coreml_reference.registry import get_kernel
 from mf_edge.errors import RuntimeUnavailable, UserError
-
-ct = pytest.importorskip("coremltools")
 
 
 def run_kernel(op_type: str, **params):

@@ -11,17 +11,16 @@ Everything else in those networks (stem, norms, MLPs, downsampling, head) is tim
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
+from timm.models.metaformer import GroupNorm1NoBias
+from timm.models.metaformer import MetaFormer as TimmMetaFormer
 from torch import nn
 
 from mf_edge.errors import UserError
 from mf_edge.layouts import detect_layout, official_to_timm, timm_to_official
 from mf_edge.models import MetaFormer, count_params, create_model, get_model_info, list_models
 from mf_edge.weights import save_state_dict
-
-timm = pytest.importorskip("timm", reason="timm is the reference implementation (pip install '.[test]')")
-from timm.models.metaformer import GroupNorm1NoBias  # noqa: E402
-from timm.models.metaformer import MetaFormer as TimmMetaFormer  # noqa: E402
 
 IMAGE_SIZE = 64
 SMALLEST = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
@@ -161,3 +160,66 @@ def test_unknown_keys_are_named(convert, foreign: str) -> None:
     with pytest.raises(UserError, match=foreign.replace(".", r"\.")) as error:
         convert(state)
     assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- every tensor distinct, both directions
+# timm's default init makes the norms 1/0, ResScale 1 and StarReLU 1/0, so a mapping that swaps two
+# same-shaped tensors (norm1 and norm2, res_scale1 and res_scale2) gives the same logits there.
+
+SEEDED_SIZE = 32
+
+
+def distinct_values(model: nn.Module, seed: int) -> nn.Module:
+    """Every floating parameter and buffer moved off its init by its own seeded noise (constants
+    such as norm weights 1 and biases 0 by 0.2 * N(0, 1), random weights by 10% of their spread)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, tensor in sorted([*model.named_parameters(), *model.named_buffers()]):
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            spread = tensor.std().item() if tensor.numel() > 1 else 0.0
+            tensor.add_(noise * (0.1 * spread if spread > 1e-6 else 0.2))
+    return model
+
+
+def all_distinct(state: dict[str, torch.Tensor]) -> bool:
+    """No two same-shaped floating tensors are equal (so a swap of two of them would show)."""
+    seen: dict[tuple, list[torch.Tensor]] = {}
+    for value in state.values():
+        if value.is_floating_point():
+            same = seen.setdefault(tuple(value.shape), [])
+            if any(torch.equal(value, other) for other in same):
+                return False
+            same.append(value)
+    return True
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_distinct_timm_weights_give_timm_logits_in_both_directions(name: str) -> None:
+    """timm -> official: timm's network with distinct values, mapped, gives timm's logits in ours;
+    official -> timm: ours with distinct values, mapped, gives our logits in timm's. Catches a
+    mapping that swaps same-shaped tensors (planted: ``norm1``/``norm2`` exchanged in
+    ``layouts._rename``, both directions, so the round trip still holds: every family fails)."""
+    torch.manual_seed(0)
+    reference = distinct_values(timm_reference(name, SEEDED_SIZE), seed=1)
+    assert all_distinct(reference.state_dict())
+    x = torch.randn(2, 3, SEEDED_SIZE, SEEDED_SIZE, generator=torch.Generator().manual_seed(2))
+
+    ours = MetaFormer(get_model_info(name).config, image_size=SEEDED_SIZE).eval()
+    ours.load_state_dict(timm_to_official(reference.state_dict()), strict=True)
+    with torch.no_grad():
+        want, got = reference(x), ours(x)
+    assert close(got, want), (got - want).abs().max().item()
+
+    mine = distinct_values(create_model(name, image_size=SEEDED_SIZE), seed=3)
+    assert all_distinct(mine.state_dict())
+    theirs = timm_reference(name, SEEDED_SIZE)
+    theirs.load_state_dict(official_to_timm(mine.state_dict()), strict=True)
+    with torch.no_grad():
+        want, got = mine(x), theirs(x)
+    assert close(got, want), (got - want).abs().max().item()

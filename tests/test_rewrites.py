@@ -135,8 +135,6 @@ def test_other_modules_pass_through() -> None:
 
 def test_xnnpack_runs_the_split_convolution_with_depthwise_kernels(tmp_path) -> None:
     """XNNPACK's own profile: the 7x7 runs as a grouped IGEMM, the split parts as DWConv kernels."""
-    pytest.importorskip("executorch.extension.pybindings.portable_lib",
-                        reason="the ExecuTorch runtime is not installed")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.devtools import Inspector
     from executorch.exir import to_edge_transform_and_lower

@@ -39,6 +39,7 @@ def calibrated(cifar10_small: Path):
     from mf_edge.converters import get_target
     from mf_edge.pipeline import load_model, make_spec
 
+    threads = torch.get_num_threads()  # restored after this module: later tests keep their threads
     torch.set_num_threads(1)
     model = load_model("convformer_s18", "random", image_size=SIZE)
     spec = make_spec(model, get_target("executorch"), "int8", SIZE)
@@ -50,7 +51,8 @@ def calibrated(cifar10_small: Path):
     images = load_calibration_set(cifar10_small / "val", spec.preprocessing, 24, use_cache=False)
     stats = calibrate_graph(graph, [scheme], "minmax", images, QuantizeOptions(target="executorch"))
     variants = QuantizedVariants(graph, scheme, "minmax", stats, SIZE, prepared)
-    return variants, images.images, scheme, stats
+    yield variants, images.images, scheme, stats
+    torch.set_num_threads(threads)
 
 
 def pt2e(calibrated, keep_float: tuple[str, ...]) -> torch.nn.Module:

@@ -32,7 +32,13 @@ def identity(x: np.ndarray) -> np.ndarray:
 
 @kernel("cast")
 def cast(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Convert to ``dtype`` (float -> int truncates toward zero, as numpy and coremltools do)."""
+    """Convert to ``dtype`` (float -> int truncates toward zero, as numpy and coremltools do).
+
+    To fp16 the value stays float32 here: the interpreter rounds every declared-fp16 output, and so
+    reports values beyond fp16's range as an overflow (not as inf/nan the cast made up).
+    """
+    if CAST_DTYPES[dtype] == np.float16:
+        return np.asarray(x, dtype=np.float32)
     return np.asarray(x).astype(CAST_DTYPES[dtype])
 
 
