@@ -34,6 +34,31 @@ def simplify(model, spec: ExportSpec):
     return simplified
 
 
+def optimized_graph(path: Path, output: Path):
+    """The graph onnxruntime runs for ``path`` on the CPU: its extended optimizations (QDQ fusions into
+    ``QLinearConv``/``QLinearMatMul``/``QGemm``, ...) written with ``optimized_model_filepath``."""
+    import onnx
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(output)
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(output))
+
+
+FLOAT_GEMMS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm")
+
+
+def float_gemms_on_int8_weights(graph) -> list[str]:
+    """Names of float GEMM nodes whose weight is dequantized int8 (int8 weights computed in float)."""
+    producers = {name: node.op_type for node in graph.node for name in node.output}
+    return [node.name for node in graph.node
+            if node.op_type in FLOAT_GEMMS and len(node.input) > 1
+            and producers.get(node.input[1]) == "DequantizeLinear"]
+
+
 class OnnxRuntime:
     """A ``.onnx`` model in an onnxruntime CPU session."""
 

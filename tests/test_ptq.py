@@ -138,6 +138,21 @@ def test_onnx_int8_qdq(name, trained_weights, calib_dir, parity_dir, tmp_path):
         if node.op_type in ("Conv", "MatMul", "Gemm"):
             feeding = [producers[name].op_type if name in producers else "input" for name in node.input[:2]]
             assert "DequantizeLinear" in feeding or "Transpose" in feeding, (node.name, feeding)
+    check_onnxruntime_fuses_every_gemm(result.artifact, tmp_path)
+
+
+def check_onnxruntime_fuses_every_gemm(artifact: Path, tmp_path: Path) -> None:
+    """After onnxruntime's optimizer every quantized GEMM is an int8 kernel (QLinearConv/QLinearMatMul/QGemm).
+
+    Catches a placement onnxruntime cannot fuse: a GEMM without its output Q (DQ -> Conv stays a float
+    Conv on dequantized weights; DQ -> MatMul often does too), as the scheme was before ``outputs``.
+    """
+    from mf_edge.converters.onnx import float_gemms_on_int8_weights, optimized_graph
+
+    graph = optimized_graph(artifact, tmp_path / "optimized.onnx").graph
+    ops = collections.Counter(node.op_type for node in graph.node)
+    assert ops["QLinearConv"] >= 4 and ops["QLinearMatMul"] >= 36, dict(ops)
+    assert not float_gemms_on_int8_weights(graph), dict(ops)
 
 
 def test_tensorrt_int8_is_a_qdq_onnx_checked_in_onnxruntime(trained_weights, calib_dir, parity_dir, tmp_path):
