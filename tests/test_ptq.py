@@ -299,8 +299,8 @@ def test_calibrate_once_export_twice_reuses_the_file(calibration_file, calib_dir
         assert reused.details["calibration"]["file"]["sha256"] == record.sha256
         if target == "onnx":  # the same scheme: exactly the qparams of calibrating directly
             assert _scales(reused.simulated) == _scales(direct.simulated) and _scales(direct.simulated)
-        else:
-            assert len(_scales(reused.simulated)) >= len(_scales(direct.simulated))
+        else:  # Core ML quantizes GEMM inputs only, ONNX their outputs too: a subset of the ranges
+            assert 0 < len(_scales(reused.simulated)) <= len(_scales(direct.simulated))
 
 
 def test_calibration_file_of_another_model_size_target_or_weights_is_refused(calibration_file):
