@@ -52,11 +52,18 @@ FLOAT_GEMMS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm"
 
 
 def float_gemms_on_int8_weights(graph) -> list[str]:
-    """Names of float GEMM nodes whose weight is dequantized int8 (int8 weights computed in float)."""
-    producers = {name: node.op_type for node in graph.node for name in node.output}
+    """Names of float GEMM nodes whose weight is a dequantized int8 initializer (int8 weights computed
+    in float: a Q/DQ placement onnxruntime could not fuse)."""
+    producers = {name: node for node in graph.node for name in node.output}
+    constants = {tensor.name for tensor in graph.initializer}
+
+    def int8_weight(name: str) -> bool:
+        dequantize = producers.get(name)
+        return (dequantize is not None and dequantize.op_type == "DequantizeLinear"
+                and dequantize.input[0] in constants)
+
     return [node.name for node in graph.node
-            if node.op_type in FLOAT_GEMMS and len(node.input) > 1
-            and producers.get(node.input[1]) == "DequantizeLinear"]
+            if node.op_type in FLOAT_GEMMS and len(node.input) > 1 and int8_weight(node.input[1])]
 
 
 class OnnxRuntime:
