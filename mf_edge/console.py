@@ -26,8 +26,11 @@ def silence_third_party() -> None:
     The CLI calls this unless ``mf-edge --verbose``; errors still show.
     """
     import logging
+    import os
     import warnings
 
+    # coremltools' conversion passes draw tqdm bars; tqdm reads TQDM_* defaults when it is imported
+    os.environ.setdefault("TQDM_DISABLE", "1")
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=THIRD_PARTY_MODULES)

@@ -203,8 +203,12 @@ def _mistyped(data: dict, fields: dict[str, type], where: str) -> str | None:
     """The first field of ``data`` missing or of another type than ``fields`` says, in words."""
     for key, kind in fields.items():
         value = data.get(key)
-        ok = _is_number(value) if kind is float else (
-            isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+        if kind is float:
+            ok = _is_number(value)
+        elif kind is list:  # a manifest still in memory holds tuples where its JSON holds lists
+            ok = isinstance(value, list | tuple)
+        else:
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
         if not ok:
             return f"{where}.{key} is {type(value).__name__}, not {kind.__name__}"
     return None

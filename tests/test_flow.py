@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,18 @@ def test_third_party_chatter_is_hidden_unless_verbose() -> None:
     if not any(text in loud for text in noise):
         pytest.skip("these library versions print nothing on import here")
     assert not any(text in hidden.stderr for text in noise), hidden.stderr
+
+
+def test_conversion_progress_bars_of_libraries_are_hidden_unless_verbose() -> None:
+    """Regression: coremltools' tqdm bars ('Converting PyTorch Frontend ==> MIL Ops') filled the screen
+    of a quiet-by-default conversion; ``silence_third_party`` must turn tqdm off (before it is imported)."""
+    import subprocess
+    import sys
+
+    bar = "from tqdm import tqdm; list(tqdm(range(3), desc='MIL passes'))"
+    quiet = "from mf_edge.console import silence_third_party; silence_third_party(); " + bar
+    env = {key: value for key, value in os.environ.items() if key != "TQDM_DISABLE"}
+    loud, hidden = (subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                   env=env) for code in (bar, quiet))
+    assert "MIL passes" in loud.stderr
+    assert hidden.returncode == 0 and "MIL passes" not in hidden.stderr, hidden.stderr

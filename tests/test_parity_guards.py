@@ -62,7 +62,10 @@ def test_fp16_overflow_fails_parity_and_publishes_nothing(tmp_path: Path) -> Non
     out = tmp_path / "out"
     with pytest.raises(ParityFailure, match=r"fp16 overflow at \S+ \(\w+, max \|x\| [0-9.e+]+\)"):
         convert(model, "coreml", "fp16", image_size=SIZE, output=out)
-    assert list(tmp_path.iterdir()) == []
+    # nothing published: only the failed report is kept beside the output, for the user to read
+    assert [path.name for path in tmp_path.iterdir()] == ["out.parity-failed.json"]
+    kept = json.loads((tmp_path / "out.parity-failed.json").read_text())
+    assert kept["status"] == "fail" and "fp16 overflow" in kept["reason"]
 
 
 class ExactRuntime:

@@ -17,6 +17,7 @@ def _old_output(tmp_path: Path) -> Path:
     output = tmp_path / "out"
     output.mkdir()
     (output / "model.onnx").write_bytes(b"old graph")
+    (output / "manifest.json").write_text('{"format": "mf-edge-manifest/1"}')  # --force replaces only ours
     return output
 
 
@@ -38,7 +39,7 @@ def test_failed_replace_under_force_restores_the_old_output(tmp_path: Path, monk
     with pytest.raises(OSError, match="No space left"), staged_output(output, force=True) as staging:
         (staging / "model.onnx").write_bytes(b"new graph")
     assert (output / "model.onnx").read_bytes() == b"old graph"
-    assert sorted(p.name for p in output.iterdir()) == ["model.onnx"]
+    assert sorted(p.name for p in output.iterdir()) == ["manifest.json", "model.onnx"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .out.*.old, no .out.*.partial
 
 
