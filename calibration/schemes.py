@@ -11,9 +11,15 @@ whether residual adds get a Q/DQ pair. Targets differ only in their scheme:
   time). Elementwise ops stay fp32: on MetaFormer, quantizing StarReLU's squares and the residual
   stream costs far more accuracy than it saves time.
 - ONNX / TensorRT ``int8``: symmetric int8 activations (zero point 0), per-channel symmetric int8
-  weights, Q/DQ on the inputs of conv, linear and matmul (TensorRT's explicit-quantization layout).
-  TensorRT's scheme also quantizes the skip input of residual adds, so TensorRT can fuse the add into
-  the preceding GEMM's int8 epilogue.
+  weights, Q/DQ on the inputs of conv, linear and matmul. The two runtimes then need different graphs
+  (docs/int8-placement.md):
+  - ONNX also quantizes each GEMM's output (``outputs``; not the graph's output, the logits):
+    onnxruntime fuses only complete DQ -> Conv/MatMul -> Q units into ``QLinearConv``/
+    ``QLinearMatMul`` (its QDQ selector/action transformer); without the output Q a convolution
+    stays a float ``Conv`` on dequantized weights, and int8 measured slower than fp32.
+  - TensorRT keeps its explicit-quantization guide's placement: inputs of weighted ops only (it
+    propagates Q/DQ itself and fuses the following activation in higher precision) plus the skip
+    input of residual adds, so TensorRT fuses the add into the preceding GEMM's int8 epilogue.
 - Core ML ``int8``: the same layout with affine (zero-point) activations, which coremltools 9 turns
   into ``quantize``/``dequantize`` ops and ``constexpr`` int8 weights.
 - ``w8`` (ONNX, Core ML): int8 per-channel symmetric weights only, activations float. Core ML applies
@@ -54,6 +60,7 @@ class Scheme:
     residual_adds: bool = False
     applied_by: str = "pt2e"  # "pt2e", or "coremltools" (w8 compressed after conversion)
     depthwise: bool = True  # False: depthwise convolutions stay float
+    outputs: bool = False  # True: GEMM outputs are quantized too (DQ -> op -> Q, see the module docstring)
 
     @property
     def calibrated(self) -> bool:
@@ -65,7 +72,8 @@ class Scheme:
                 "weights": self.weights,
                 "activations": f"int8 per-tensor {self.activations}" if self.calibrated
                 else ("int8 dynamic per batch" if self.activations == "dynamic" else "float"),
-                "residual_adds": self.residual_adds, "applied_by": self.applied_by,
+                "residual_adds": self.residual_adds, "quantized_outputs": self.outputs,
+                "applied_by": self.applied_by,
                 "depthwise_conv": "int8" if self.depthwise or "conv2d" not in self.ops else "float"}
 
 
@@ -74,7 +82,7 @@ SCHEMES: dict[tuple[str, str], Scheme] = {
     ("executorch", "int8"): Scheme("xnnpack-w8a8", "xnnpack", ("conv2d", "linear"), "affine",
                                    depthwise=False),
     ("executorch", "w8"): Scheme("xnnpack-dynamic-w8", "xnnpack", ("linear",), "dynamic"),
-    ("onnx", "int8"): Scheme("qdq-w8a8", "qdq", GEMM_OPS, "symmetric"),
+    ("onnx", "int8"): Scheme("qdq-w8a8", "qdq", GEMM_OPS, "symmetric", outputs=True),
     ("onnx", "w8"): Scheme("qdq-weight-only-w8", "qdq", ("conv2d", "linear"), None),
     ("tensorrt", "int8"): Scheme("tensorrt-qdq-w8a8", "qdq", GEMM_OPS, "symmetric", residual_adds=True),
     ("coreml", "int8"): Scheme("coreml-w8a8", "qdq", GEMM_OPS, "affine"),
@@ -171,10 +179,16 @@ class QDQQuantizer(Quantizer):
             if node.op != "call_function" or not self.quantizable(node):
                 continue
             inputs = self._input_specs(node)
+            output = self.activation if self._quantized_output(node) else None
             if inputs:
-                node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=inputs,
-                                                                               _annotated=True)
+                node.meta["quantization_annotation"] = QuantizationAnnotation(
+                    input_qspec_map=inputs, output_qspec=output, _annotated=True)
         return model
+
+    def _quantized_output(self, node: Node) -> bool:
+        """With ``scheme.outputs``: a GEMM's output, except one the graph returns (the logits stay float)."""
+        return (self.scheme.outputs and self.activation is not None and node.target in self.targets
+                and all(user.op != "output" for user in node.users))
 
     def _input_specs(self, node: Node) -> dict[Node, QuantizationSpec]:
         if node.target in self.targets:

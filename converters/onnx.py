@@ -34,6 +34,38 @@ def simplify(model, spec: ExportSpec):
     return simplified
 
 
+def optimized_graph(path: Path, output: Path):
+    """The graph onnxruntime runs for ``path`` on the CPU: its extended optimizations (QDQ fusions into
+    ``QLinearConv``/``QLinearMatMul``/``QGemm``, ...) written with ``optimized_model_filepath``."""
+    import onnx
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(output)
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(output))
+
+
+FLOAT_GEMMS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm")
+
+
+def float_gemms_on_int8_weights(graph) -> list[str]:
+    """Names of float GEMM nodes whose weight is a dequantized int8 initializer (int8 weights computed
+    in float: a Q/DQ placement onnxruntime could not fuse)."""
+    producers = {name: node for node in graph.node for name in node.output}
+    constants = {tensor.name for tensor in graph.initializer}
+
+    def int8_weight(name: str) -> bool:
+        dequantize = producers.get(name)
+        return (dequantize is not None and dequantize.op_type == "DequantizeLinear"
+                and dequantize.input[0] in constants)
+
+    return [node.name for node in graph.node
+            if node.op_type in FLOAT_GEMMS and len(node.input) > 1 and int8_weight(node.input[1])]
+
+
 class OnnxRuntime:
     """A ``.onnx`` model in an onnxruntime CPU session."""
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from mf_edge.bench.images import balanced, bench_images
 from mf_edge.bench.measure import latency_stats, peak_rss_mb, reset_peak_rss, rss_mb
+from mf_edge.bench.reference import REFERENCE_PRECISION
 from mf_edge.bench.report import markdown
 from mf_edge.bench.runner import BenchConfig, plan, reusable
 from mf_edge.cli import main
@@ -102,6 +103,26 @@ def test_every_default_format(cifar10_small: Path, tmp_path: Path) -> None:
         assert row["status"] == "measured", (key, row.get("note"))
         assert 0.9 < row["fidelity"]["cosine"] < 0.999999 and row["fidelity"]["max_abs_error"] > 0
     assert rows[("executorch", "int8")]["size_mb"] < rows[("executorch", "fp32")]["size_mb"] / 3
+
+
+def test_onnx_int8_has_the_onnxruntime_quantize_static_row(cifar10_small: Path, tmp_path: Path) -> None:
+    """Catches the reference row going missing, being built from another model than mf-edge's fp32 ONNX
+    (it must exist although only int8 was asked for) or being reported as an mf-edge format."""
+    import onnx
+
+    report, out = run_bench(tmp_path, cifar10_small / "val", "onnx:int8", None)
+    rows = rows_by_format(report)
+    reference = rows[("onnxruntime", REFERENCE_PRECISION)]
+    assert reference["status"] == "reference" and reference["target"] == "onnx", reference.get("note")
+    assert "not an mf-edge format" in reference["note"]
+    assert reference["latency"]["runs"] == RUNS and reference["threads"] == {"torch": 1, "onnxruntime": 1}
+    assert 0.9 < reference["fidelity"]["cosine"] < 0.999999 and reference["fidelity"]["samples"] == IMAGES
+    fp32_onnx = tmp_path / "artifacts" / f"identityformer_s12-{SIZE}-onnx-fp32" / "model.onnx"
+    assert fp32_onnx.is_file() and reference["size_mb"] < fp32_onnx.stat().st_size / 1e6 / 2
+    ops = {node.op_type for node in onnx.load(reference["artifact"]).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert rows[("onnxruntime", "int8")]["status"] == "measured"
+    assert "| onnxruntime | int8 (onnxruntime quantize_static) |" in markdown(report)
 
 
 def test_unrunnable_target_is_listed_with_its_reason(bench_run) -> None:

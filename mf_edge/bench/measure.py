@@ -145,6 +145,18 @@ def load_artifact(job: dict):
     return runtime.run, facts
 
 
+def load_onnx_file(job: dict):
+    """A bare ``.onnx`` file (the onnxruntime ``quantize_static`` reference) in onnxruntime, batch dynamic."""
+    from mf_edge.converters.onnx import OnnxRuntime
+
+    runtime = OnnxRuntime(Path(job["onnx"]), threads=job["threads"])
+    return runtime.run, {"dynamic_batch": True, "batch_size": 1, "runtime": runtime.name,
+                         "runtime_threads": runtime.threads}
+
+
+LOADERS = {PYTORCH: load_pytorch, "artifact": load_artifact, "onnx_file": load_onnx_file}
+
+
 def logits_in_chunks(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, chunk: int,
                      static: bool) -> np.ndarray:
     """Logits of every image, ``chunk`` at a time; a static-batch runtime gets its last chunk padded."""
@@ -178,7 +190,7 @@ def measure(job: dict) -> dict:
     import_runtime(target)
     applied = set_threads(job["threads"], target)
     start = time.perf_counter()
-    run, facts = load_pytorch(job) if job["kind"] == PYTORCH else load_artifact(job)
+    run, facts = LOADERS[job["kind"]](job)
     load_ms = (time.perf_counter() - start) * 1000.0
     if "runtime_threads" in facts:
         applied[facts["runtime"]] = facts.pop("runtime_threads")

@@ -10,9 +10,11 @@ noise of a shared machine over all of them alike.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,7 @@ from mf_edge import parity as parity_lib
 from mf_edge.bench import native
 from mf_edge.bench.images import BenchImages, bench_images
 from mf_edge.bench.measure import PYTORCH, latency_stats
+from mf_edge.bench.reference import REFERENCE_NOTE, REFERENCE_PRECISION, REFERENCE_STATUS, build_reference
 from mf_edge.console import note, step
 from mf_edge.converters import get_target
 from mf_edge.errors import UserError
@@ -247,6 +250,26 @@ def make_artifact(config: BenchConfig, model, image_size: int, target: str, prec
                size_mb=size_mb(artifact), parity=parity, details=details)
 
 
+def onnx_reference_row(config: BenchConfig, model, image_size: int, rows: list[Row]) -> Row:
+    """onnxruntime's own ``quantize_static`` on mf-edge's fp32 ONNX (``mf_edge.bench.reference``), with
+    the calibration images mf-edge's int8 uses: a reference row, not an mf-edge format."""
+    from mf_edge.calibration.data import DEFAULT_CALIB_SIZE
+
+    fp32 = next((row for row in rows if row.target == "onnx" and row.precision == "fp32"), None)
+    if fp32 is None or fp32.artifact is None:
+        fp32 = make_artifact(config, model, image_size, "onnx", "fp32")
+    row = Row("onnxruntime", "onnx", REFERENCE_PRECISION, REFERENCE_STATUS, note=REFERENCE_NOTE)
+    if fp32.artifact is None:
+        return dataclasses.replace(row, status="failed", note=f"no fp32 ONNX to quantize: {fp32.note}")
+    preprocessing = make_spec(model, get_target("onnx"), "fp32", image_size).preprocessing
+    try:
+        path = build_reference(Path(fp32.artifact), config.calib_data or config.images, preprocessing,
+                               DEFAULT_CALIB_SIZE)
+    except UserError as exc:
+        return dataclasses.replace(row, status="failed", note=str(exc))
+    return dataclasses.replace(row, artifact=str(path), size_mb=size_mb(path))
+
+
 def run_worker(job: dict, workdir: Path, tag: str) -> dict:
     """Run ``mf_edge.bench.measure`` in a fresh interpreter; its result or ``{"error": ...}``."""
     job_path, result_path = workdir / f"{tag}.job.json", workdir / f"{tag}.result.json"
@@ -327,8 +350,9 @@ def with_calibration_images(config: BenchConfig, pairs: list[tuple[str, str]], s
 
 
 def tag_of(row: Row) -> str:
+    """A file-name-safe tag of the row (``onnxruntime-onnx-int8``, ``executorch-cpp-executorch-fp32``)."""
     runtime = "executorch-cpp" if row.runtime == native.RUNTIME else row.runtime
-    return f"{runtime}-{row.target or 'eager'}-{row.precision}"
+    return re.sub(r"[^\w.-]+", "-", f"{runtime}-{row.target or 'eager'}-{row.precision}").strip("-")
 
 
 def native_rows(rows: list[Row], app: Path | None) -> list[Row]:
@@ -344,6 +368,8 @@ def worker_kind(row: Row, app: Path | None) -> dict:
     """What a measuring worker loads for ``row``: the float model, the artifact, or the native app."""
     if row.runtime == PYTORCH:
         return {"kind": PYTORCH}
+    if row.status == REFERENCE_STATUS:
+        return {"kind": "onnx_file", "target": row.target, "onnx": row.artifact}
     kind = {"kind": "artifact", "target": row.target, "output": str(Path(row.artifact).parent)}
     if row.runtime == native.RUNTIME:
         kind.update(kind=native.KIND, app=str(app))
@@ -371,9 +397,12 @@ def run_bench(config: BenchConfig) -> dict:
     for target, precision in pairs:
         with step(f"{target} {precision}: convert"):
             rows.append(make_artifact(config, model, image_size, target, precision))
+    if ("onnx", "int8") in pairs:
+        with step("onnx int8 reference: onnxruntime quantize_static"):
+            rows.append(onnx_reference_row(config, model, image_size, rows))
     app = native.find_app()
     rows += native_rows(rows, app)
-    measured = [row for row in rows if row.status == "measured"]
+    measured = [row for row in rows if row.status in ("measured", REFERENCE_STATUS)]
 
     with tempfile.TemporaryDirectory(prefix="mf-edge-bench-") as tmp:
         workdir = Path(tmp)
