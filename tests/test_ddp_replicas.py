@@ -2,45 +2,22 @@
 
 from __future__ import annotations
 
-import socket
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
-
-from mf_edge.train import distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _check(rank: int, port: int, nudge: float, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 3))  # same init on both ranks
-        if rank == 1 and nudge:
-            with torch.no_grad():
-                model[1].weight[3] += nudge  # one value of one parameter, on one rank
-        context = distributed.Distributed(rank, rank, 2, torch.device("cpu"))
-        try:
-            distributed.check_replicas_in_sync(model, context)
-            results[rank] = "in sync"
-        except RuntimeError as exc:
-            results[rank] = str(exc)
-    finally:
-        dist.destroy_process_group()
+WORKER = Path(__file__).resolve().parent / "workers" / "replica_check.py"
 
 
 def run_check(nudge: float) -> list[str]:
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_check, args=(_free_port(), nudge, results), nprocs=2, join=True)
-        return [results[0], results[1]]
+    """Each rank's result of the replica check, rank 1 nudged by ``nudge`` (a separate interpreter)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(WORKER), repr(nudge)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_nudged_rank_stops_the_run_on_every_rank() -> None:

@@ -68,13 +68,25 @@ def install(wheel: Path, site: Path) -> Path:
     return site
 
 
+def dependencies(site: Path) -> Path:
+    """A folder beside ``site`` that links every entry of torch's site-packages except mf-edge's own
+    (the environment running the tests may hold a non-editable ``mf_edge``, which would answer first:
+    an editable install's finder comes after the path entries)."""
+    folder = site.parent / "dependencies"
+    if not folder.is_dir():
+        folder.mkdir()
+        for entry in Path(torch.__file__).resolve().parents[1].iterdir():
+            if not entry.name.lower().startswith(("mf_edge", "mf-edge", "__editable__")):
+                (folder / entry.name).symlink_to(entry)
+    return folder
+
+
 def imports(cwd: Path, site: Path) -> list[Path]:
     """Run ``IMPORTS`` in a fresh interpreter that sees ``site`` (its ``.pth`` files processed) and then
-    the dependencies (torch's folder, as a plain path: an ``mf_edge`` installed there must not answer);
+    the dependencies (torch's folder, as a plain path, without any ``mf_edge`` installed there);
     the resolved files of ``mf_edge``, ``mf_edge.converters`` and ``mf_edge.calibration``."""
-    dependencies = Path(torch.__file__).resolve().parents[1]
-    code = (f"import site, sys; site.addsitedir({str(site)!r}); sys.path.append({str(dependencies)!r}); "
-            + IMPORTS)
+    path = dependencies(site)
+    code = f"import site, sys; site.addsitedir({str(site)!r}); sys.path.append({str(path)!r}); " + IMPORTS
     done = subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
