@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from mf_edge.console import step
+from mf_edge.console import native_log_filtered, step
 from mf_edge.converters.base import ExportResult
 from mf_edge.converters.program import Float16Model, export_program
 from mf_edge.converters.xnnpack_rewrites import infer_symbolic_view_dims, rewrite_for_xnnpack
@@ -77,7 +77,8 @@ class ExecuTorchRuntime:
                                      "pip install executorch.") from None
         if not path.is_file():
             raise UserError(f"{path} does not exist; convert the model to ExecuTorch first.")
-        self._method = Runtime.get().load_program(path).load_method("forward")
+        with native_log_filtered():  # XNNPACK's first load logs its cpuinfo probe straight to stderr
+            self._method = Runtime.get().load_program(path).load_method("forward")
 
     @property
     def max_batch(self) -> int:

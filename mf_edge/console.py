@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -16,8 +20,11 @@ T = TypeVar("T")
 THIRD_PARTY_LOGGERS = ("coremltools", "torch.utils._pytree", "torch.export", "torch._export", "torchao",
                        "executorch", "onnxscript", "onnx_ir")
 THIRD_PARTY_MODULES = r"(torch|torchao|torchvision|executorch|coremltools|onnx|onnxscript|onnx_ir)\b"
+# Lines native runtimes write straight to file descriptor 2, with no log-level setting in their Python
+# package: ExecuTorch's cpuinfo probe on CPUs it does not know (5 lines when XNNPACK first loads).
+NATIVE_NOISE = re.compile(rb"^\[cpuinfo_utils\.cpp:\d+\] ")
 console = Console(stderr=True)
-_state = {"quiet": False}
+_state = {"quiet": False, "silenced": False}
 
 
 def silence_third_party() -> None:
@@ -29,11 +36,36 @@ def silence_third_party() -> None:
     import os
     import warnings
 
+    _state["silenced"] = True
     # coremltools' conversion passes draw tqdm bars; tqdm reads TQDM_* defaults when it is imported
     os.environ.setdefault("TQDM_DISABLE", "1")
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=THIRD_PARTY_MODULES)
+
+
+@contextmanager
+def native_log_filtered() -> Iterator[None]:
+    """Drop the ``NATIVE_NOISE`` lines that native code writes to stderr (fd 2) inside this block, once
+    ``silence_third_party`` ran (the CLI without ``--verbose``); every other line is passed on after it."""
+    if not _state["silenced"]:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().splitlines(keepends=True)
+            kept = [line for line in lines if not NATIVE_NOISE.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def set_quiet(quiet: bool) -> None:

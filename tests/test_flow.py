@@ -140,3 +140,54 @@ def test_conversion_progress_bars_of_libraries_are_hidden_unless_verbose() -> No
                                    env=env) for code in (bar, quiet))
     assert "MIL passes" in loud.stderr
     assert hidden.returncode == 0 and "MIL passes" not in hidden.stderr, hidden.stderr
+
+
+@pytest.mark.parametrize("argv, silenced", [(["models"], True), (["--verbose", "models"], False),
+                                            (["models", "--verbose"], False)])
+def test_verbose_works_before_and_after_the_command(argv: list[str], silenced: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: ``--verbose`` was a root option only, so ``mf-edge convert ... --verbose`` was refused
+    as an unknown option; it now means the same in either place."""
+    import mf_edge.cli.application as application
+    from mf_edge.cli import main
+
+    calls = []
+    monkeypatch.setattr(application, "silence_third_party", lambda: calls.append(1))
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert bool(calls) == silenced
+
+
+def test_verbose_after_a_double_dash_is_an_argument() -> None:
+    from mf_edge.cli.application import verbose_first
+
+    assert verbose_first(["convert", "m", "--verbose", "--", "--verbose"]) == [
+        "--verbose", "convert", "m", "--", "--verbose"]
+    assert verbose_first(["convert", "m"]) == ["convert", "m"]
+
+
+NATIVE_LINES = """
+import os
+from mf_edge.console import native_log_filtered, silence_third_party
+if {silenced}:
+    silence_third_party()
+with native_log_filtered():
+    os.write(2, b"[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version\\n")
+    os.write(2, b"a native error the user must see\\n")
+"""
+
+
+@pytest.mark.parametrize("silenced", [True, False])
+def test_native_cpuinfo_lines_are_dropped_unless_verbose(silenced: bool) -> None:
+    """Regression: ExecuTorch's runtime printed 5 ``[cpuinfo_utils.cpp:...]`` lines straight to fd 2 on
+    the first XNNPACK load (no log-level setting exists in its Python package). Quiet by default they are
+    dropped; any other native line still shows; ``--verbose`` keeps them all."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", NATIVE_LINES.format(silenced=silenced)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "a native error the user must see" in done.stderr
+    assert ("cpuinfo_utils" in done.stderr) is not silenced, done.stderr

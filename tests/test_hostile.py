@@ -313,40 +313,59 @@ def test_ctrl_c_while_the_cli_imports_exits_130(monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture) -> None:
     """Regression: Ctrl-C inside ``import torch`` at start-up printed a KeyboardInterrupt traceback.
     The command modules (and PyTorch) now import inside ``main``'s Ctrl-C handling."""
-    import mf_edge.cli
+    import mf_edge.cli.application
 
     def interrupted() -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mf_edge.cli, "_register", interrupted)
+    monkeypatch.setattr(mf_edge.cli.application, "register_commands", interrupted)
     code, out, err = run(["models"], capsys)
     assert code == 130 and out == "" and "Traceback" not in err
 
 
-def test_the_cli_entry_imports_no_torch() -> None:
-    """What the console script imports before ``main`` runs must be light: an import of PyTorch there
-    is outside any Ctrl-C handling (regression: ``mf_edge/__init__`` imported the models eagerly)."""
+def test_the_cli_entry_imports_nothing_heavy() -> None:
+    """What the console script imports before ``main`` runs is outside any Ctrl-C handling, so it must
+    be light: no typer, rich, click or PyTorch (regressions: ``mf_edge/__init__`` imported the models
+    eagerly; ``mf_edge/cli/__init__`` imported typer and rich at module level)."""
     import subprocess
     import sys
 
-    code = "import sys, mf_edge.cli; print('torch' in sys.modules)"
+    code = ("import sys, mf_edge.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'typer', 'rich', 'click', 'torch'}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip() == "[]"
 
 
-def test_ctrl_c_during_start_up_is_quiet(tmp_path: Path) -> None:
-    """SIGINT to a real ``mf-edge`` process while it is still starting (importing PyTorch): exit 130,
-    nothing on stderr."""
+# Blocks the first import of MODULE (printing a marker first), so a signal lands inside that import.
+SLOW_IMPORT = """
+import builtins, sys, time
+real_import = builtins.__import__
+def slow_import(name, *args, **kwargs):
+    if name.split(".")[0] == {module!r} and {module!r} not in sys.modules:
+        print("importing", {module!r}, file=sys.stderr, flush=True)
+        time.sleep(120)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = slow_import
+from mf_edge.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("module", ["typer", "rich", "torch"])
+def test_ctrl_c_during_start_up_is_quiet(module: str, tmp_path: Path) -> None:
+    """SIGINT to a real ``mf-edge convert`` while it imports typer, rich or PyTorch: exit 130, no
+    traceback. The import is held open until the signal lands, so the test never races start-up (a
+    module-level ``import typer`` in ``mf_edge/cli/__init__.py`` fails it with a traceback)."""
     import signal
     import subprocess
     import sys
-    import time
 
-    process = subprocess.Popen([sys.executable, "-c", "from mf_edge.cli import main; main()", "models"],
+    command = ["convert", "identityformer_s12", "--target", "onnx", "--weights", "random",
+               "--image-size", "32", "-o", str(tmp_path / "out")]
+    process = subprocess.Popen([sys.executable, "-c", SLOW_IMPORT.format(module=module), *command],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
-    if process.poll() is not None:
-        pytest.skip("mf-edge finished starting before the signal")
+    first = process.stderr.readline()
+    assert first.strip() == f"importing {module}", first + process.stderr.read()
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in err, err
