@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.fx import GraphModule, Node
@@ -53,7 +53,7 @@ class Scheme:
     """One target's quantization recipe (see the module docstring)."""
 
     name: str
-    quantizer: str  # "xnnpack" (executorch's XNNPACKQuantizer) or "qdq" (QDQQuantizer below)
+    quantizer: str  # the quantizer's name, as the manifest records it: "qdq" (QDQQuantizer below), ...
     ops: tuple[str, ...]
     activations: str | None  # "symmetric", "affine", "dynamic" or None (weight-only)
     weights: str = "int8 per-channel symmetric"
@@ -61,6 +61,9 @@ class Scheme:
     applied_by: str = "pt2e"  # "pt2e", or "coremltools" (w8 compressed after conversion)
     depthwise: bool = True  # False: depthwise convolutions stay float
     outputs: bool = False  # True: GEMM outputs are quantized too (DQ -> op -> Q, see the module docstring)
+    # builds the quantizer: ``build(scheme, observer, quantizable)``; None: ``QDQQuantizer``
+    build: Callable[[Scheme, str, Callable[[Node], bool]], Quantizer] | None = field(
+        default=None, compare=False, repr=False)
 
     @property
     def calibrated(self) -> bool:
@@ -78,30 +81,31 @@ class Scheme:
 
 
 GEMM_OPS = ("conv2d", "linear", "matmul")
-SCHEMES: dict[tuple[str, str], Scheme] = {
-    ("executorch", "int8"): Scheme("xnnpack-w8a8", "xnnpack", ("conv2d", "linear"), "affine",
-                                   depthwise=False),
-    ("executorch", "w8"): Scheme("xnnpack-dynamic-w8", "xnnpack", ("linear",), "dynamic"),
-    ("onnx", "int8"): Scheme("qdq-w8a8", "qdq", GEMM_OPS, "symmetric", outputs=True),
-    ("onnx", "w8"): Scheme("qdq-weight-only-w8", "qdq", ("conv2d", "linear"), None),
-    ("tensorrt", "int8"): Scheme("tensorrt-qdq-w8a8", "qdq", GEMM_OPS, "symmetric", residual_adds=True),
-    ("coreml", "int8"): Scheme("coreml-w8a8", "qdq", GEMM_OPS, "affine"),
-    ("coreml", "w8"): Scheme("coreml-weight-only-w8", "qdq", ("conv2d", "linear"), None,
-                             applied_by="coremltools"),
-}
+
+
+def all_schemes() -> dict[tuple[str, str], Scheme]:
+    """``(target, precision) -> Scheme`` over every registered target (each declares ``Target.schemes``)."""
+    from mf_edge.converters import get_target, target_names
+
+    return {(name, precision): scheme for name in target_names()
+            for precision, scheme in get_target(name).schemes.items()}
 
 
 def scheme_for(target: str, precision: str) -> Scheme:
     """The scheme of ``target`` at ``precision`` (``int8`` or ``w8``); others raise ``UserError``."""
-    if (target, precision) not in SCHEMES:
-        choices = ", ".join(f"{t} {p}" for t, p in SCHEMES)
+    from mf_edge.converters import get_target
+
+    scheme = get_target(target).schemes.get(precision)
+    if scheme is None:
+        choices = ", ".join(f"{t} {p}" for t, p in all_schemes())
         raise UserError(f"no quantization scheme for {target} {precision}; quantized exports are: {choices}.")
-    return SCHEMES[(target, precision)]
+    return scheme
 
 
 def calibrated_targets() -> list[str]:
-    """Targets whose ``int8`` scheme needs calibration, in a stable order."""
-    return [target for (target, precision), scheme in SCHEMES.items() if scheme.calibrated]
+    """Targets whose ``int8`` scheme needs calibration, in the registry's order."""
+    return [target for (target, precision), scheme in all_schemes().items()
+            if precision == "int8" and scheme.calibrated]
 
 
 # ---------------------------------------------------------------- quantization specs
@@ -341,6 +345,4 @@ def build_quantizer(scheme: Scheme, observer: str, keep_float: Iterable[str] = (
     def quantizable(node: Node) -> bool:
         return (not_kept(node) and has_trained_weight(node)
                 and (scheme.depthwise or not is_depthwise_conv(node)))
-    if scheme.quantizer == "xnnpack":
-        return xnnpack_quantizer(scheme, observer, quantizable)
-    return QDQQuantizer(scheme, observer, quantizable)
+    return (scheme.build or QDQQuantizer)(scheme, observer, quantizable)

@@ -32,7 +32,7 @@ ExecuTorch only:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -320,22 +320,16 @@ FOLDS: dict[str, Rewrite] = {
     "fold_attention_scale": fold_attention_scale,
     "drop_unit_res_scale": drop_unit_res_scale,
 }
-REWRITES: dict[str, Rewrite] = {**FOLDS, "xnnpack_norms": xnnpack_norms, "split_depthwise": split_depthwise}
-TARGET_REWRITES: dict[str, tuple[str, ...]] = {
-    "executorch": (*FOLDS, "xnnpack_norms", "split_depthwise"),
-    "onnx": tuple(FOLDS),
-    "coreml": tuple(FOLDS),
-    "tensorrt": tuple(FOLDS),
-}
 
 
-def rewrite_for_deployment(model: nn.Module, target: str) -> nn.Module:
-    """A rewritten copy of ``model`` for ``target``; ``model`` itself is left untouched.
+def rewrite_for_deployment(model: nn.Module, rewrites: Iterable[Rewrite] = tuple(FOLDS.values())
+                           ) -> nn.Module:
+    """A copy of ``model`` with ``rewrites`` (a target's ``Target.rewrites``) applied; ``model`` is untouched.
 
-    The copy computes the same function (float rounding aside) with the ``TARGET_REWRITES[target]``
-    rewrites applied, keeps ``mf_edge_info`` and ``mf_edge_weights``, and records in
-    ``mf_edge_rewrites`` how many sites each rewrite changed (for the manifest). A model that is not
-    a ``MetaFormer`` is returned as it is, with an empty record.
+    The copy computes the same function (float rounding aside) with ``rewrites`` applied in order,
+    keeps ``mf_edge_info`` and ``mf_edge_weights``, and records in ``mf_edge_rewrites`` how many sites
+    each rewrite changed (for the manifest). A model that is not a ``MetaFormer`` is returned as it
+    is, with an empty record.
     """
     if not isinstance(model, MetaFormer):
         model.mf_edge_rewrites = {}  # type: ignore[attr-defined]
@@ -343,7 +337,7 @@ def rewrite_for_deployment(model: nn.Module, target: str) -> nn.Module:
     rewritten = copy.deepcopy(model)
     applied = {}
     with torch.no_grad():
-        for name in TARGET_REWRITES.get(target, tuple(FOLDS)):
-            applied[name] = REWRITES[name](rewritten)
+        for rewrite in rewrites:
+            applied[rewrite.__name__] = rewrite(rewritten)
     rewritten.mf_edge_rewrites = applied  # type: ignore[attr-defined]
     return rewritten
