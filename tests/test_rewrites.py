@@ -9,7 +9,11 @@ from torch import nn
 from mf_edge import create_model
 from mf_edge.calibration.schemes import build_quantizer, scheme_for
 from mf_edge.converters import get_target
-from mf_edge.converters.xnnpack_layout import ChannelsFirstLayerNorm, ChannelsFirstSepConv, LayoutDownsampling
+from mf_edge.converters.executorch.xnnpack_layout import (
+    ChannelsFirstLayerNorm,
+    ChannelsFirstSepConv,
+    LayoutDownsampling,
+)
 from mf_edge.models.layers import LayerNormGeneral, LayerNormWithoutBias, Scale, StarReLU
 from mf_edge.rewrites import (
     FOLDS,

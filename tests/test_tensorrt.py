@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from mf_edge import create_model
 from mf_edge.cli import main
 from mf_edge.converters import get_target
-from mf_edge.converters.tensorrt import (
+from mf_edge.converters.tensorrt.target import (
     ENGINE_FILE,
     ONNX_FILE,
     OnnxInput,
@@ -174,7 +174,7 @@ def test_engine_command_argument_errors(tmp_path: Path, capsys: pytest.CaptureFi
 
 @needs_engine_host
 def test_real_engine_build_and_run(tmp_path: Path) -> None:
-    from mf_edge.converters.tensorrt import TensorRTRuntime
+    from mf_edge.converters.tensorrt.target import TensorRTRuntime
 
     onnx_path = write_pool_onnx(tmp_path / "model.onnx", batch="batch")
     cache = tmp_path / "timing.cache"

@@ -15,7 +15,7 @@ from torch import nn
 from mf_edge.calibration.schemes import GEMM_OPS, Scheme
 from mf_edge.console import step
 from mf_edge.converters.base import BenchFacts, BenchReference, ExportResult, Target
-from mf_edge.converters.onnx_reference import (
+from mf_edge.converters.onnx.reference import (
     REFERENCE_NOTE,
     REFERENCE_PRECISION,
     build_reference,

@@ -71,6 +71,6 @@ def build_reference(fp32_artifact: Path, calib_data: Path | None, preprocessing,
 
 def load_reference(path: Path, threads: int | None):
     """The reference ``model.onnx`` in onnxruntime (batch dynamic), with ``threads`` intra-op threads."""
-    from mf_edge.converters.onnx import OnnxRuntime
+    from mf_edge.converters.onnx.target import OnnxRuntime
 
     return OnnxRuntime(path, threads=threads)
