@@ -1,7 +1,9 @@
 """Quantization schemes: what each target quantizes, as data, turned into a PT2E quantizer in one place.
 
 A ``Scheme`` names the weight and activation formats, which operators get quantized inputs and
-whether residual adds get a Q/DQ pair. Targets differ only in their scheme:
+whether residual adds get a Q/DQ pair. Each target declares its own (``Target.schemes`` in
+``converters/<target>/target.py``; a scheme whose quantizer is not this module's ``QDQQuantizer`` names
+its ``build``, e.g. ``converters/executorch/quantizer.py``). Targets differ only in their scheme:
 
 - ExecuTorch ``int8``: executorch's ``XNNPACKQuantizer`` with ``get_symmetric_quantization_config(
   is_per_channel=True)`` on convolutions and linears (XNNPACK's int8 kernels), except depthwise
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import GraphModule, Node
@@ -261,60 +263,6 @@ def share_through_data_movement(model: GraphModule) -> None:
         shared = SharedQuantizationSpec(node.args[0])
         node.meta["quantization_annotation"] = QuantizationAnnotation(
             input_qspec_map={node.args[0]: shared}, output_qspec=shared, _annotated=True)
-
-
-def reshape_dynamic_linear_inputs(model: GraphModule) -> None:
-    """Put a shape-preserving reshape in front of every linear's input (exact; layout only).
-
-    ExecuTorch 1.5's XNNPACK lowering carries its channels-last tag from a convolution or a mean,
-    through permutes and elementwise ops, into a dynamically quantized linear and then transposes
-    the int8 data, which XNNPACK rejects (``Failed to create static transpose``) or the lowering
-    refuses (``Weight and Input should both be quantized``). A reshape stops the tag.
-    """
-    for node in list(model.graph.nodes):
-        if node.op != "call_function" or node.target != aten.linear.default:
-            continue
-        source = node.args[0]
-        with model.graph.inserting_before(node):
-            shape = [-1, *source.meta["val"].shape[1:]]
-            reshaped = model.graph.call_function(aten.reshape.default, (source, shape))
-        reshaped.meta = {**source.meta, "val": source.meta["val"]}
-        node.replace_input_with(source, reshaped)
-    model.graph.lint()
-    model.recompile()
-
-
-def xnnpack_quantizer(scheme: Scheme, observer: str, quantizable: Callable[[Node], bool]) -> Quantizer:
-    """executorch's ``XNNPACKQuantizer`` on the scheme's ops, with the chosen activation observer."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
-
-    class GemmXNNPACKQuantizer(XNNPACKQuantizer):
-        """XNNPACK's annotations, shared only through data-movement ops (see above)."""
-
-        def transform_for_annotation(self, model: GraphModule) -> GraphModule:
-            model = super().transform_for_annotation(model)
-            if scheme.activations == "dynamic":
-                reshape_dynamic_linear_inputs(model)
-            return model
-
-        def annotate(self, model: GraphModule) -> GraphModule:
-            model = self._annotate_for_quantization_config(model)
-            share_through_data_movement(model)
-            return model
-
-    dynamic = scheme.activations == "dynamic"
-    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
-    if scheme.calibrated:
-        spec = replace(config.input_activation, observer_or_fake_quant_ctr=activation_observer(observer))
-        config = replace(config, input_activation=spec, output_activation=spec)
-    quantizer = GemmXNNPACKQuantizer()
-    for op in scheme.ops:
-        quantizer.set_operator_type(OPS[op], config)
-    quantizer.set_filter_function(quantizable)
-    return quantizer
 
 
 def is_depthwise_conv(node: Node) -> bool:

@@ -113,13 +113,12 @@ def logits(module: nn.Module, images: torch.Tensor, batch: int = EVAL_BATCH) -> 
 
 
 def layer_of(module_name: str, model: nn.Module | None) -> str:
-    """The layer a module belongs to: a part of a split depthwise convolution is the whole split."""
-    from mf_edge.rewrites import SplitDepthwiseConv
-
+    """The layer a module belongs to: a part (``.parts.N``) of a module that ``counts_as_one_layer`` (the
+    ExecuTorch target's split depthwise convolution) is that whole module."""
     if ".parts." in module_name and model is not None:
         owner = module_name.rsplit(".parts.", 1)[0]
         try:
-            if isinstance(model.get_submodule(owner), SplitDepthwiseConv):
+            if getattr(model.get_submodule(owner), "counts_as_one_layer", False):
                 return owner
         except AttributeError:
             pass

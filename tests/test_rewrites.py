@@ -9,6 +9,7 @@ from torch import nn
 from mf_edge import create_model
 from mf_edge.calibration.schemes import build_quantizer, scheme_for
 from mf_edge.converters import get_target
+from mf_edge.converters.executorch.deployment_rewrites import SplitDepthwiseConv
 from mf_edge.converters.executorch.xnnpack_layout import (
     ChannelsFirstLayerNorm,
     ChannelsFirstSepConv,
@@ -20,7 +21,6 @@ from mf_edge.rewrites import (
     AffineFreeGroupNorm,
     AffineFreeLayerNorm,
     ShiftedSquaredReLU,
-    SplitDepthwiseConv,
     rewrite_for_deployment,
 )
 from mf_edge.spec import ExportSpec

@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from mf_edge.calibration.schemes import Scheme, xnnpack_quantizer
+from mf_edge.calibration.schemes import Scheme
 from mf_edge.console import step
 from mf_edge.converters.base import BenchFacts, ExportResult, Target
+from mf_edge.converters.executorch.deployment_rewrites import split_depthwise, xnnpack_norms
+from mf_edge.converters.executorch.quantizer import xnnpack_quantizer
 from mf_edge.converters.executorch.xnnpack_rewrites import infer_symbolic_view_dims, rewrite_for_xnnpack
 from mf_edge.converters.program import Float16Model, export_program
 from mf_edge.errors import RuntimeUnavailable, UserError
-from mf_edge.rewrites import FOLDS, split_depthwise, xnnpack_norms
+from mf_edge.rewrites import FOLDS
 from mf_edge.spec import ExportSpec
 
 ARTIFACT = "model.pte"
