@@ -182,10 +182,12 @@ def measure(job: dict) -> dict:
 
         return measure_native(job)
     import mf_edge.pipeline  # noqa: F401  (torch and mf-edge: imported before the memory baseline)
-    from mf_edge.converters import get_target
+    from mf_edge.converters import get_target, load_target_file
 
     images = np.load(job["images"])
     target = job.get("target")
+    if job.get("target_file"):  # a target added with register_target, defined outside mf-edge
+        load_target_file(job["target_file"])
     if target:
         get_target(target)  # the target's own mf-edge module, before the baseline too
     reset_peak_rss()

@@ -367,12 +367,16 @@ def native_rows(rows: list[Row], app: Path | None) -> list[Row]:
 
 
 def worker_kind(row: Row, app: Path | None) -> dict:
-    """What a measuring worker loads for ``row``: the float model, the artifact, or the native app."""
+    """What a measuring worker loads for ``row``: the float model, the artifact, or the native app
+    (and, for a target added with ``register_target``, the file that defines it)."""
+    from mf_edge.converters import target_file
+
     if row.runtime == PYTORCH:
         return {"kind": PYTORCH}
+    source = {"target_file": target_file(row.target)} if target_file(row.target) else {}
     if row.status == REFERENCE_STATUS:
-        return {"kind": "reference", "target": row.target, "path": row.artifact}
-    kind = {"kind": "artifact", "target": row.target, "output": str(Path(row.artifact).parent)}
+        return {"kind": "reference", "target": row.target, "path": row.artifact, **source}
+    kind = {"kind": "artifact", "target": row.target, "output": str(Path(row.artifact).parent), **source}
     if row.runtime == native.RUNTIME:
         kind.update(kind=native.KIND, app=str(app))
     return kind
