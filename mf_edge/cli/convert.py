@@ -117,12 +117,12 @@ def convert_command(
     Console().print(chosen.next_step.format(output=result.output), highlight=False, markup=False)
 
 
-def runtime_words(manifest: dict) -> dict[str, str]:
-    """How the result line names the runtimes of the manifest's target (``Target.runtime_words``)."""
+def runtime_words() -> dict[str, str]:
+    """How the result line names a runtime: every target's ``Target.runtime_words``."""
     from mf_edge.converters import get_target, target_names
 
-    target = manifest.get("target")
-    return get_target(target).runtime_words if target in target_names() else {}
+    return {runtime: words for name in target_names()
+            for runtime, words in get_target(name).runtime_words.items()}
 
 
 def end_note(report: dict, manifest: dict, quiet: bool) -> str:
@@ -139,7 +139,7 @@ def end_note(report: dict, manifest: dict, quiet: bool) -> str:
             text += f"; its ONNX: {report[FALLBACK]['status']} in {report[FALLBACK].get('runtime')}"
     else:
         runtime = report.get("runtime")
-        text = f"parity {status} in {runtime_words(manifest).get(runtime, runtime)}"
+        text = f"parity {status} in {runtime_words().get(runtime, runtime)}"
         if status != "pass":
             text += f", {report['reason']}"
     if (manifest.get("weights") or {}).get("source") == "random":
