@@ -116,13 +116,6 @@ class Target:
         """The float model as this target exports it (after the deployment rewrites): as it is."""
         return model
 
-    def scheme(self, precision: str) -> Scheme:
-        """The quantization scheme at ``precision``; a precision without one is a ``UserError``."""
-        if precision not in self.schemes:
-            raise UserError(f"no quantization scheme for {self.name} {precision}; this target quantizes "
-                            f"{', '.join(self.schemes) or 'nothing'}.")
-        return self.schemes[precision]
-
     def output_label(self, spec: ExportSpec) -> str:
         """What a conversion holds, for its default folder name: the precision."""
         return spec.precision
