@@ -95,10 +95,10 @@ def all_schemes() -> dict[tuple[str, str], Scheme]:
 
 def scheme_for(target: str, precision: str) -> Scheme:
     """The scheme of ``target`` at ``precision`` (``int8`` or ``w8``); others raise ``UserError``."""
-    from mf_edge.converters import get_target
+    from mf_edge.converters import get_target, target_names
 
-    scheme = get_target(target).schemes.get(precision)
-    if scheme is None:
+    scheme = get_target(target).schemes.get(precision) if target in target_names() else None
+    if scheme is None:  # an unknown target too: the message lists what can be quantized
         choices = ", ".join(f"{t} {p}" for t, p in all_schemes())
         raise UserError(f"no quantization scheme for {target} {precision}; quantized exports are: {choices}.")
     return scheme
