@@ -2,7 +2,7 @@
 
 For each model: mf-edge's fp32 and int8 ONNX (the conversion pipeline), and the peer: onnxruntime's
 ``quantize_static`` (QDQ, per-channel, U8S8) on mf-edge's fp32 ONNX with the same calibration images
-(``mf_edge.bench.reference``). Every session gets the same thread count and is timed round-robin,
+(``mf_edge.converters.onnx.reference``). Every session gets the same thread count and is timed round-robin,
 ``--runs`` single-image inferences per session per round, so the noise of a shared machine falls on
 all alike; medians and minimums over every run. Fidelity is against the float PyTorch model on the
 evaluation images (worst-image and mean cosine, top-1 agreement). Also counts what onnxruntime's
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mf_edge.bench.reference import ort_quantize_static
 from mf_edge.calibration.data import load_calibration_set
 from mf_edge.console import set_quiet
 from mf_edge.converters import get_target
-from mf_edge.converters.onnx import OnnxRuntime, float_gemms_on_int8_weights, optimized_graph
+from mf_edge.converters.onnx.reference import ort_quantize_static
+from mf_edge.converters.onnx.target import OnnxRuntime, float_gemms_on_int8_weights, optimized_graph
 from mf_edge.data import parity_inputs
 from mf_edge.parity import compare, reference_logits, runtime_logits
 from mf_edge.pipeline import convert, load_model, make_spec

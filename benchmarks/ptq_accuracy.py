@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from mf_edge.calibration.data import load_calibration_set
-from mf_edge.calibration.schemes import SCHEMES
 from mf_edge.console import note, set_quiet
 from mf_edge.converters import get_target
 from mf_edge.errors import RuntimeUnavailable
@@ -46,9 +45,8 @@ def runtime_for(target, out_dir: Path, spec):
     try:
         return target.runtime(out_dir, spec), None
     except RuntimeUnavailable as exc:
-        onnx_runtime = getattr(target, "onnx_runtime", None)
-        if onnx_runtime is not None:
-            return onnx_runtime(out_dir, spec), f"onnxruntime ({exc})"
+        if target.has_fallback_runtime:
+            return target.fallback_runtime(out_dir, spec), f"onnxruntime ({exc})"
         return None, str(exc)
 
 
@@ -71,7 +69,7 @@ def evaluate(args: argparse.Namespace) -> tuple[list[dict], int]:
     for target_name in args.targets:
         target = get_target(target_name)
         for precision in args.precisions:
-            if (target_name, precision) not in SCHEMES or precision not in target.precisions:
+            if precision not in target.schemes or precision not in target.precisions:
                 continue
             started = time.perf_counter()
             spec = make_spec(model, target, precision, args.image_size)
@@ -84,8 +82,7 @@ def evaluate(args: argparse.Namespace) -> tuple[list[dict], int]:
                     note(f"{target_name} {precision}: not run ({reason})")
                     continue
                 logits = runtime_logits(runtime, batch, spec.batch_size, spec.dynamic_batch)
-                size = artifact_bytes(result.files if target_name != "tensorrt" else
-                                      [f for f in result.files if f.suffix == ".onnx"])
+                size = artifact_bytes([f for f in result.files if f.name == target.artifact] or result.files)
             metrics = compare(float_logits, logits)
             rows.append({"target": target_name, "precision": precision, "bytes": size,
                          "runtime": getattr(runtime, "name", target_name) + (" (onnx)" if reason else ""),

@@ -13,18 +13,18 @@ from mf_edge.calibration.quantize import (
     load_calibration,
     quantize_for_export,
 )
-from mf_edge.calibration.schemes import SCHEMES, Scheme, build_quantizer, scheme_for
+from mf_edge.calibration.schemes import Scheme, all_schemes, build_quantizer, scheme_for
 from mf_edge.calibration.store import CalibrationRecord
 
 __all__ = [
     "DEFAULT_OBSERVER",
     "OBSERVERS",
-    "SCHEMES",
     "CalibrationRecord",
     "CalibrationSet",
     "QuantizeOptions",
     "QuantizedModel",
     "Scheme",
+    "all_schemes",
     "build_quantizer",
     "load_calibration",
     "load_calibration_set",

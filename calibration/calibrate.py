@@ -1,6 +1,6 @@
 """``calibrate``: one calibration run for several targets, saved as a calibration file.
 
-Each target's prepared model (``pipeline.prepare_for_target``) is captured; targets whose graphs are
+Each target's prepared model (``converters.prepare.prepare_for_target``) is captured; targets whose graphs are
 identical share one set of statistics. Every graph is calibrated once on the same images with the
 union of the nodes its targets' schemes observe, so ``convert --calibration FILE`` can then export
 each of those targets without running a single image.
@@ -22,6 +22,8 @@ from mf_edge.calibration.schemes import Scheme, calibrated_targets, scheme_for
 from mf_edge.calibration.statistics import DEFAULT_BATCH
 from mf_edge.calibration.store import CalibrationRecord, GraphCalibration, versions
 from mf_edge.console import step
+from mf_edge.converters import get_target
+from mf_edge.converters.prepare import make_spec, prepare_for_target
 from mf_edge.errors import UserError
 
 
@@ -42,9 +44,6 @@ def calibrate(model: nn.Module, calib_data: str | Path, targets: list[str] | Non
               observer: str = DEFAULT_OBSERVER, device: str | None = None, batch_size: int = DEFAULT_BATCH,
               seed: int = 0, cache_dir: str | Path | None = None) -> CalibrationRecord:
     """Calibrate ``model`` (from ``create_model``) for ``targets`` (default: every int8 target)."""
-    from mf_edge.converters import get_target
-    from mf_edge.pipeline import make_spec, prepare_for_target
-
     observer_class(observer)
     targets = list(dict.fromkeys(targets or calibrated_targets()))
     specs = {}

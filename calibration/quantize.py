@@ -28,6 +28,7 @@ from mf_edge.calibration.graph import (
     params_sha256,
 )
 from mf_edge.calibration.observers import DEFAULT_OBSERVER, observer_class
+from mf_edge.calibration.qat import quantize_qat_checkpoint
 from mf_edge.calibration.schemes import (
     Scheme,
     build_quantizer,
@@ -144,8 +145,6 @@ def quantize_for_export(model: nn.Module, spec: ExportSpec,
     (``mf-edge train --qat``) bring their trained graph and ranges: no calibration.
     """
     opts = QuantizeOptions.from_mapping(options)
-    from mf_edge.train.qat import quantize_qat_checkpoint
-
     trained = quantize_qat_checkpoint(model, spec, opts)
     if trained is not None:
         return trained
@@ -164,10 +163,10 @@ def quantize_for_export(model: nn.Module, spec: ExportSpec,
     else:
         facts.update(observer=None, calibration=None)
     keep_float = opts.keep_float
-    if opts.max_drop is not None:  # the fewest worst layers in float for the budget (mf_edge.sensitivity)
+    if opts.max_drop is not None:  # the fewest worst layers in float for the budget (calibration.sensitivity)
         if not scheme.calibrated:
             raise UserError(f"--max-drop needs a calibrated int8 scheme, not {scheme.name}; drop --max-drop.")
-        from mf_edge.sensitivity import keep_float_for_budget
+        from mf_edge.calibration.sensitivity import keep_float_for_budget
 
         keep_float, facts["max_drop"] = keep_float_for_budget(graph, spec, scheme, observer, stats, opts,
                                                                         model)

@@ -1,7 +1,9 @@
 """Quantization schemes: what each target quantizes, as data, turned into a PT2E quantizer in one place.
 
 A ``Scheme`` names the weight and activation formats, which operators get quantized inputs and
-whether residual adds get a Q/DQ pair. Targets differ only in their scheme:
+whether residual adds get a Q/DQ pair. Each target declares its own (``Target.schemes`` in
+``converters/<target>/target.py``; a scheme whose quantizer is not this module's ``QDQQuantizer`` names
+its ``build``, e.g. ``converters/executorch/quantizer.py``). Targets differ only in their scheme:
 
 - ExecuTorch ``int8``: executorch's ``XNNPACKQuantizer`` with ``get_symmetric_quantization_config(
   is_per_channel=True)`` on convolutions and linears (XNNPACK's int8 kernels), except depthwise
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import GraphModule, Node
@@ -53,7 +55,7 @@ class Scheme:
     """One target's quantization recipe (see the module docstring)."""
 
     name: str
-    quantizer: str  # "xnnpack" (executorch's XNNPACKQuantizer) or "qdq" (QDQQuantizer below)
+    quantizer: str  # the quantizer's name, as the manifest records it: "qdq" (QDQQuantizer below), ...
     ops: tuple[str, ...]
     activations: str | None  # "symmetric", "affine", "dynamic" or None (weight-only)
     weights: str = "int8 per-channel symmetric"
@@ -61,6 +63,9 @@ class Scheme:
     applied_by: str = "pt2e"  # "pt2e", or "coremltools" (w8 compressed after conversion)
     depthwise: bool = True  # False: depthwise convolutions stay float
     outputs: bool = False  # True: GEMM outputs are quantized too (DQ -> op -> Q, see the module docstring)
+    # builds the quantizer: ``build(scheme, observer, quantizable)``; None: ``QDQQuantizer``
+    build: Callable[[Scheme, str, Callable[[Node], bool]], Quantizer] | None = field(
+        default=None, compare=False, repr=False)
 
     @property
     def calibrated(self) -> bool:
@@ -78,30 +83,31 @@ class Scheme:
 
 
 GEMM_OPS = ("conv2d", "linear", "matmul")
-SCHEMES: dict[tuple[str, str], Scheme] = {
-    ("executorch", "int8"): Scheme("xnnpack-w8a8", "xnnpack", ("conv2d", "linear"), "affine",
-                                   depthwise=False),
-    ("executorch", "w8"): Scheme("xnnpack-dynamic-w8", "xnnpack", ("linear",), "dynamic"),
-    ("onnx", "int8"): Scheme("qdq-w8a8", "qdq", GEMM_OPS, "symmetric", outputs=True),
-    ("onnx", "w8"): Scheme("qdq-weight-only-w8", "qdq", ("conv2d", "linear"), None),
-    ("tensorrt", "int8"): Scheme("tensorrt-qdq-w8a8", "qdq", GEMM_OPS, "symmetric", residual_adds=True),
-    ("coreml", "int8"): Scheme("coreml-w8a8", "qdq", GEMM_OPS, "affine"),
-    ("coreml", "w8"): Scheme("coreml-weight-only-w8", "qdq", ("conv2d", "linear"), None,
-                             applied_by="coremltools"),
-}
+
+
+def all_schemes() -> dict[tuple[str, str], Scheme]:
+    """``(target, precision) -> Scheme`` over every registered target (each declares ``Target.schemes``)."""
+    from mf_edge.converters import get_target, target_names
+
+    return {(name, precision): scheme for name in target_names()
+            for precision, scheme in get_target(name).schemes.items()}
 
 
 def scheme_for(target: str, precision: str) -> Scheme:
     """The scheme of ``target`` at ``precision`` (``int8`` or ``w8``); others raise ``UserError``."""
-    if (target, precision) not in SCHEMES:
-        choices = ", ".join(f"{t} {p}" for t, p in SCHEMES)
+    from mf_edge.converters import get_target, target_names
+
+    scheme = get_target(target).schemes.get(precision) if target in target_names() else None
+    if scheme is None:  # an unknown target too: the message lists what can be quantized
+        choices = ", ".join(f"{t} {p}" for t, p in all_schemes())
         raise UserError(f"no quantization scheme for {target} {precision}; quantized exports are: {choices}.")
-    return SCHEMES[(target, precision)]
+    return scheme
 
 
 def calibrated_targets() -> list[str]:
-    """Targets whose ``int8`` scheme needs calibration, in a stable order."""
-    return [target for (target, precision), scheme in SCHEMES.items() if scheme.calibrated]
+    """Targets whose ``int8`` scheme needs calibration, in the registry's order."""
+    return [target for (target, precision), scheme in all_schemes().items()
+            if precision == "int8" and scheme.calibrated]
 
 
 # ---------------------------------------------------------------- quantization specs
@@ -259,60 +265,6 @@ def share_through_data_movement(model: GraphModule) -> None:
             input_qspec_map={node.args[0]: shared}, output_qspec=shared, _annotated=True)
 
 
-def reshape_dynamic_linear_inputs(model: GraphModule) -> None:
-    """Put a shape-preserving reshape in front of every linear's input (exact; layout only).
-
-    ExecuTorch 1.5's XNNPACK lowering carries its channels-last tag from a convolution or a mean,
-    through permutes and elementwise ops, into a dynamically quantized linear and then transposes
-    the int8 data, which XNNPACK rejects (``Failed to create static transpose``) or the lowering
-    refuses (``Weight and Input should both be quantized``). A reshape stops the tag.
-    """
-    for node in list(model.graph.nodes):
-        if node.op != "call_function" or node.target != aten.linear.default:
-            continue
-        source = node.args[0]
-        with model.graph.inserting_before(node):
-            shape = [-1, *source.meta["val"].shape[1:]]
-            reshaped = model.graph.call_function(aten.reshape.default, (source, shape))
-        reshaped.meta = {**source.meta, "val": source.meta["val"]}
-        node.replace_input_with(source, reshaped)
-    model.graph.lint()
-    model.recompile()
-
-
-def xnnpack_quantizer(scheme: Scheme, observer: str, quantizable: Callable[[Node], bool]) -> Quantizer:
-    """executorch's ``XNNPACKQuantizer`` on the scheme's ops, with the chosen activation observer."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
-
-    class GemmXNNPACKQuantizer(XNNPACKQuantizer):
-        """XNNPACK's annotations, shared only through data-movement ops (see above)."""
-
-        def transform_for_annotation(self, model: GraphModule) -> GraphModule:
-            model = super().transform_for_annotation(model)
-            if scheme.activations == "dynamic":
-                reshape_dynamic_linear_inputs(model)
-            return model
-
-        def annotate(self, model: GraphModule) -> GraphModule:
-            model = self._annotate_for_quantization_config(model)
-            share_through_data_movement(model)
-            return model
-
-    dynamic = scheme.activations == "dynamic"
-    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
-    if scheme.calibrated:
-        spec = replace(config.input_activation, observer_or_fake_quant_ctr=activation_observer(observer))
-        config = replace(config, input_activation=spec, output_activation=spec)
-    quantizer = GemmXNNPACKQuantizer()
-    for op in scheme.ops:
-        quantizer.set_operator_type(OPS[op], config)
-    quantizer.set_filter_function(quantizable)
-    return quantizer
-
-
 def is_depthwise_conv(node: Node) -> bool:
     """An ``aten.conv2d`` node with one input channel per group and more than one group."""
     if node.target != aten.conv2d.default:
@@ -341,6 +293,4 @@ def build_quantizer(scheme: Scheme, observer: str, keep_float: Iterable[str] = (
     def quantizable(node: Node) -> bool:
         return (not_kept(node) and has_trained_weight(node)
                 and (scheme.depthwise or not is_depthwise_conv(node)))
-    if scheme.quantizer == "xnnpack":
-        return xnnpack_quantizer(scheme, observer, quantizable)
-    return QDQQuantizer(scheme, observer, quantizable)
+    return (scheme.build or QDQQuantizer)(scheme, observer, quantizable)

@@ -86,11 +86,13 @@ def build_manifest(spec: ExportSpec, model_facts: dict, weights: dict, target: s
 
 def parity_summary(report: dict) -> dict:
     """The manifest's copy of a parity report: status, reason, runtime and each reference's metrics."""
+    from mf_edge.parity import FALLBACK
+
     references = {name: r["metrics"] | {"passed": r["passed"]} for name, r in report["references"].items()}
     summary = {"status": report["status"], "reason": report["reason"], "runtime": report["runtime"],
                "references": references}
-    if "onnx" in report:  # TensorRT without a GPU: the ONNX checked in onnxruntime instead
-        summary["onnx"] = parity_summary(report["onnx"])
+    if FALLBACK in report:  # TensorRT without a GPU: the ONNX checked in onnxruntime instead
+        summary[FALLBACK] = parity_summary(report[FALLBACK])
     return summary
 
 

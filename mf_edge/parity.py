@@ -21,6 +21,9 @@ from mf_edge.data import ParityInputs
 from mf_edge.errors import ParityFailure
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
+# The report entry of the check ``Target.fallback_runtime`` ran where the target's own runtime could not
+# (TensorRT without a GPU: its ONNX in onnxruntime); the key is part of parity.json's format.
+FALLBACK = "onnx"
 
 # Per precision and reference: minimum cosine similarity (worst sample) and top-1 agreement.
 # An empty dict: the metrics are reported, nothing is enforced (a quantized model vs the float one).
@@ -190,7 +193,7 @@ def not_run(reason: str, precision: str, inputs: ParityInputs | None = None) -> 
 def summary(report: dict) -> str:
     """One line: status and the headline metrics of each reference."""
     if report["status"] == NOT_RUN:
-        onnx = f" (its ONNX in onnxruntime: {summary(report['onnx'])})" if "onnx" in report else ""
+        onnx = f" (its ONNX in onnxruntime: {summary(report[FALLBACK])})" if FALLBACK in report else ""
         return f"parity not run: {report['reason']}{onnx}"
     parts = [f"vs {name}: cosine {number(m['cosine'], '.6f')}, top-1 {number(m['top1_agreement'], '.0%')}, "
              f"max abs err {number(m['max_abs_error'], '.2e')}"
@@ -205,14 +208,14 @@ def number(value: float | None, spec: str) -> str:
 
 def failed(report: dict) -> bool:
     """Whether ``report`` (or the ONNX check standing in for it) failed."""
-    return report["status"] == FAIL or report.get("onnx", {}).get("status") == FAIL
+    return report["status"] == FAIL or report.get(FALLBACK, {}).get("status") == FAIL
 
 
 def raise_on_failure(report: dict, artifact: str, where: str = "the metrics are printed above") -> None:
     """Raise ``ParityFailure`` with the numbers when ``report`` failed; ``where`` says where the full
     report can be read (and what became of the artifact)."""
-    if report.get("onnx", {}).get("status") == FAIL:
-        raise_on_failure(report["onnx"], f"{artifact} (its ONNX)", where)
+    if report.get(FALLBACK, {}).get("status") == FAIL:
+        raise_on_failure(report[FALLBACK], f"{artifact} (its ONNX)", where)
     if report["status"] == FAIL:
         raise ParityFailure(f"{artifact} does not match its reference: {report['reason']} "
                             f"({summary(report)}); {where}. Report the model/target/precision if the "

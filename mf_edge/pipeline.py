@@ -23,6 +23,7 @@ from torch import nn
 from mf_edge import parity as parity_lib
 from mf_edge.console import note, progress, step
 from mf_edge.converters import ExportResult, Target, get_target
+from mf_edge.converters.prepare import make_spec, prepare_for_target, resolve_precision  # noqa: F401
 from mf_edge.data import ParityInputs, load_image, parity_inputs, preprocess
 from mf_edge.errors import ParityFailure, RuntimeUnavailable, UserError
 from mf_edge.labels import IMAGENET_1K, label_name, labels_for
@@ -35,9 +36,8 @@ from mf_edge.manifest import (
     spec_from_manifest,
     write_json,
 )
-from mf_edge.models.zoo import ModelInfo, get_model_info
+from mf_edge.models.zoo import get_model_info
 from mf_edge.publish import check_output, partial_file, remove_stale, staged_output
-from mf_edge.rewrites import rewrite_for_deployment
 from mf_edge.spec import ExportSpec
 from mf_edge.trained import trained_defaults
 
@@ -76,44 +76,6 @@ def load_model(name: str, weights: str | Path = "imagenet", image_size: int | No
     return create_model(name, weights=weights, image_size=image_size, seed=seed, num_classes=num_classes)
 
 
-def resolve_precision(target: Target, precision: str | None) -> str:
-    """The requested precision, or the target's default; an unsupported one is a ``UserError``."""
-    precision = precision or target.default_precision
-    if precision not in target.precisions:
-        raise UserError(f"the {target.name} target supports {', '.join(target.precisions)}, not "
-                        f"{precision!r}; pick one with --precision.")
-    return precision
-
-
-def make_spec(model: nn.Module | ModelInfo, target: Target, precision: str | None = None,
-              image_size: int | None = None, batch_size: int = 1, dynamic_batch: bool = False,
-              options: dict | None = None) -> ExportSpec:
-    """The ``ExportSpec`` of one request: checked shape and precision, the model's preprocessing.
-
-    ``model`` is a model from ``create_model`` (its head's class count and, unless ``image_size`` is
-    given, the size it was built for are used) or, to check a request before loading any weights, a
-    ``ModelInfo``.
-    """
-    info = model if isinstance(model, ModelInfo) else model.mf_edge_info
-    image_size = image_size or getattr(model, "mf_edge_image_size", None)
-    return ExportSpec.for_model(info, image_size=image_size, batch_size=batch_size,
-                                dynamic_batch=dynamic_batch, precision=resolve_precision(target, precision),
-                                num_classes=getattr(model, "num_classes", None), **(options or {}))
-
-
-def prepare_for_target(model: nn.Module, spec: ExportSpec, target: Target) -> nn.Module:
-    """The float model as ``target`` exports it: deployment rewrites, then the target's own ``prepare``.
-
-    ``mf-edge calibrate`` calibrates this same model, so its statistics fit the graph ``quantize`` builds.
-    """
-    rewritten = rewrite_for_deployment(model, target.name)  # exact folds (mf_edge.rewrites)
-    prepare = getattr(target, "prepare", None)
-    prepared = prepare(rewritten, spec) if prepare is not None else rewritten
-    prepared.mf_edge_rewrites = {**getattr(rewritten, "mf_edge_rewrites", {}),  # type: ignore[attr-defined]
-                                 **getattr(prepared, "mf_edge_rewrites", {})}
-    return prepared
-
-
 def quantize(model: nn.Module, spec: ExportSpec, target: Target,
              ptq_options: dict | None = None) -> Quantized:
     """Step 2: the deployment rewrites and the target's own (``Target.prepare``), then PTQ for
@@ -145,13 +107,13 @@ def verify(target: Target, out_dir: Path, spec: ExportSpec, references: dict[str
     """Step 4: run the artifact in its own runtime and compare with every reference (parity report).
 
     A runtime this host lacks gives a ``not run`` report with the reason, never a pass. A target
-    with an ``onnx_runtime`` (TensorRT: its engine needs a GPU) then has the ONNX it wrote checked in
-    onnxruntime instead, as the report's ``onnx`` entry.
+    with a ``fallback_runtime`` (TensorRT: its engine needs a GPU) then has the artifact checked there
+    instead (TensorRT: the ONNX it wrote, in onnxruntime), as the report's ``onnx`` entry.
     """
     report = _parity(lambda: target.runtime(out_dir, spec), spec, references, inputs)
-    onnx_runtime = getattr(target, "onnx_runtime", None)
-    if report["status"] == parity_lib.NOT_RUN and onnx_runtime is not None:
-        report["onnx"] = _parity(lambda: onnx_runtime(out_dir, spec), spec, references, inputs)
+    if report["status"] == parity_lib.NOT_RUN and target.has_fallback_runtime:
+        report[parity_lib.FALLBACK] = _parity(lambda: target.fallback_runtime(out_dir, spec), spec,
+                                              references, inputs)
     return report
 
 
@@ -265,7 +227,7 @@ def default_output(spec: ExportSpec, target: Target, weights: str | Path | dict 
     or weights do not collide; what the folder holds is the precision, or what the target says it
     writes on this host (TensorRT without a GPU: ``onnx-fp32``/``onnx-int8``, no engine).
     """
-    held = getattr(target, "output_label", lambda s: s.precision)(spec)
+    held = target.output_label(spec)
     parts = [spec.model, f"{spec.image_size}px", weights_tag(weights), target.name, held]
     return DEFAULT_OUTPUT_ROOT / "-".join(part for part in parts if part)
 

@@ -18,21 +18,15 @@ Folds (every target):
 - ``drop_unit_res_scale``: a ResScale that is exactly 1 is removed. Any other ResScale stays one
   multiply: it scales the residual stream, whose next reader is a LayerNorm, so no linear can take it.
 
-ExecuTorch only:
-- ``xnnpack_norms``: the affine-free norms left by the folds are written with ops XNNPACK delegates
-  (it has no LayerNorm, and averages only over the two innermost dims of a 4-D tensor). The norms
-  that keep their weight are left to the ExecuTorch target's own ``prepare``
-  (``converters/xnnpack_rewrites.py``), which also rewrites RandFormer's mixing, attention and pooling.
-- ``split_depthwise``: XNNPACK's depthwise kernels take at most 25 taps; a 7x7 depthwise
-  convolution (ConvFormer's ``SepConv``) falls back to a grouped IGEMM about 20x slower (fp32; worse
-  in int8). It becomes the sum of depthwise convolutions of 7x3, 7x2 (dilation 4) and 7x2
-  (dilation 6) taps.
+Target-specific rewrites live in the target's folder and are listed by its ``Target.rewrites`` (the
+ExecuTorch target's ``xnnpack_norms`` and ``split_depthwise``:
+``converters/executorch/deployment_rewrites.py``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -110,40 +104,6 @@ class ShiftedSquaredReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x).pow(2) + self.bias
-
-
-class SplitDepthwiseConv(nn.Module):
-    """A ``k x k`` depthwise convolution as a sum of depthwise convolutions of at most ``max_taps`` taps.
-
-    The centre columns form one convolution; each remaining pair of columns at offsets ``+-d`` is a
-    two-column convolution with dilation ``2d``. All use symmetric padding, so the output is the same.
-    """
-
-    def __init__(self, conv: nn.Conv2d, max_taps: int = 25) -> None:
-        super().__init__()
-        kh, kw = conv.kernel_size
-        ph, pw = conv.padding
-        half = kw // 2
-        centre = max(c for c in range(1, kw + 1, 2) if kh * c <= max_taps)
-        weight = conv.weight.detach()
-        pieces = [(weight[..., half - centre // 2: half + centre // 2 + 1], (ph, pw - half + centre // 2), 1)]
-        for d in range(centre // 2 + 1, half + 1):
-            pieces.append((weight[..., [half - d, half + d]], (ph, pw - half + d), 2 * d))
-        self.parts = nn.ModuleList()
-        for i, (w, padding, dilation) in enumerate(pieces):
-            bias = conv.bias is not None and i == 0
-            part = nn.Conv2d(conv.in_channels, conv.out_channels, tuple(w.shape[-2:]), padding=padding,
-                             dilation=(1, dilation), groups=conv.groups, bias=bias)
-            part.weight = nn.Parameter(w.clone(), requires_grad=conv.weight.requires_grad)
-            if part.bias is not None:
-                part.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.weight.requires_grad)
-            self.parts.append(part)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.parts[0](x)
-        for part in self.parts[1:]:
-            out = out + part(x)
-        return out
 
 
 # ---------------------------------------------------------------- folding helpers
@@ -286,28 +246,6 @@ def drop_unit_res_scale(model: nn.Module) -> int:
     return count
 
 
-def xnnpack_norms(model: nn.Module) -> int:
-    """Write the affine-free norms the folds left with ops XNNPACK delegates (``xnnpack=True``)."""
-    norms = [m for m in model.modules() if isinstance(m, (AffineFreeLayerNorm, AffineFreeGroupNorm))]
-    for norm in norms:
-        norm.xnnpack = True
-    return len(norms)
-
-
-def split_depthwise(model: nn.Module, max_taps: int = 25) -> int:
-    """Split every depthwise convolution of more than ``max_taps`` taps (``SplitDepthwiseConv``)."""
-    count = 0
-    for mixer in [m for m in model.modules() if isinstance(m, SepConv)]:
-        conv = mixer.dwconv
-        kh, kw = conv.kernel_size
-        depthwise = conv.groups == conv.in_channels == conv.out_channels
-        symmetric = conv.padding == (kh // 2, kw // 2) and conv.stride == (1, 1) and conv.dilation == (1, 1)
-        if depthwise and symmetric and kh * kw > max_taps and kw % 2 and kh * 2 <= max_taps:
-            mixer.dwconv = SplitDepthwiseConv(conv, max_taps)
-            count += 1
-    return count
-
-
 def _blocks(model: nn.Module) -> list[MetaFormerBlock]:
     return [m for m in model.modules() if isinstance(m, MetaFormerBlock)]
 
@@ -320,22 +258,16 @@ FOLDS: dict[str, Rewrite] = {
     "fold_attention_scale": fold_attention_scale,
     "drop_unit_res_scale": drop_unit_res_scale,
 }
-REWRITES: dict[str, Rewrite] = {**FOLDS, "xnnpack_norms": xnnpack_norms, "split_depthwise": split_depthwise}
-TARGET_REWRITES: dict[str, tuple[str, ...]] = {
-    "executorch": (*FOLDS, "xnnpack_norms", "split_depthwise"),
-    "onnx": tuple(FOLDS),
-    "coreml": tuple(FOLDS),
-    "tensorrt": tuple(FOLDS),
-}
 
 
-def rewrite_for_deployment(model: nn.Module, target: str) -> nn.Module:
-    """A rewritten copy of ``model`` for ``target``; ``model`` itself is left untouched.
+def rewrite_for_deployment(model: nn.Module, rewrites: Iterable[Rewrite] = tuple(FOLDS.values())
+                           ) -> nn.Module:
+    """A copy of ``model`` with ``rewrites`` (a target's ``Target.rewrites``) applied; ``model`` is untouched.
 
-    The copy computes the same function (float rounding aside) with the ``TARGET_REWRITES[target]``
-    rewrites applied, keeps ``mf_edge_info`` and ``mf_edge_weights``, and records in
-    ``mf_edge_rewrites`` how many sites each rewrite changed (for the manifest). A model that is not
-    a ``MetaFormer`` is returned as it is, with an empty record.
+    The copy computes the same function (float rounding aside) with ``rewrites`` applied in order,
+    keeps ``mf_edge_info`` and ``mf_edge_weights``, and records in ``mf_edge_rewrites`` how many sites
+    each rewrite changed (for the manifest). A model that is not a ``MetaFormer`` is returned as it
+    is, with an empty record.
     """
     if not isinstance(model, MetaFormer):
         model.mf_edge_rewrites = {}  # type: ignore[attr-defined]
@@ -343,7 +275,7 @@ def rewrite_for_deployment(model: nn.Module, target: str) -> nn.Module:
     rewritten = copy.deepcopy(model)
     applied = {}
     with torch.no_grad():
-        for name in TARGET_REWRITES.get(target, tuple(FOLDS)):
-            applied[name] = REWRITES[name](rewritten)
+        for rewrite in rewrites:
+            applied[rewrite.__name__] = rewrite(rewritten)
     rewritten.mf_edge_rewrites = applied  # type: ignore[attr-defined]
     return rewritten

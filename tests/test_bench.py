@@ -14,10 +14,10 @@ from PIL import Image
 
 from mf_edge.bench.images import balanced, bench_images
 from mf_edge.bench.measure import latency_stats, peak_rss_mb, reset_peak_rss, rss_mb
-from mf_edge.bench.reference import REFERENCE_PRECISION
 from mf_edge.bench.report import markdown
 from mf_edge.bench.runner import BenchConfig, plan, reusable
 from mf_edge.cli import main
+from mf_edge.converters.onnx.reference import REFERENCE_PRECISION
 from mf_edge.errors import UserError
 
 SIZE, IMAGES, BATCH, RUNS = 32, 8, 2, 4

@@ -28,7 +28,7 @@ from mf_edge.calibration.quantize import (
     convert_quantized,
     prepare_and_load,
 )
-from mf_edge.calibration.schemes import SCHEMES, build_quantizer, check_keep_float, scheme_for
+from mf_edge.calibration.schemes import all_schemes, build_quantizer, check_keep_float, scheme_for
 from mf_edge.calibration.statistics import collect_statistics, merge_states
 from mf_edge.calibration.store import CalibrationRecord, GraphCalibration, load_record
 from mf_edge.errors import UserError
@@ -218,7 +218,7 @@ def _nodes(module, target):
 
 
 def test_every_scheme_builds_a_quantizer():
-    for (target, precision), scheme in SCHEMES.items():
+    for (target, precision), scheme in all_schemes().items():
         assert scheme is scheme_for(target, precision)
         assert build_quantizer(scheme, "mse") is not None
     with pytest.raises(UserError, match="no quantization scheme for onnx fp16"):

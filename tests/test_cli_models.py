@@ -117,6 +117,6 @@ def test_light_commands_do_not_import_torch() -> None:
 
 def test_engine_default_max_batch_matches_the_converter() -> None:
     from mf_edge.cli.engine import DEFAULT_MAX_BATCH
-    from mf_edge.converters.tensorrt import DEFAULT_MAX_BATCH as CONVERTER_DEFAULT
+    from mf_edge.converters.tensorrt.target import DEFAULT_MAX_BATCH as CONVERTER_DEFAULT
 
     assert DEFAULT_MAX_BATCH == CONVERTER_DEFAULT

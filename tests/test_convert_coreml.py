@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 from mf_edge import create_model
 from mf_edge.cli import main
 from mf_edge.converters import get_target
-from mf_edge.converters.coreml import (
+from mf_edge.converters.coreml.target import (
     ImageNormalisation,
     class_labels,
     deployment_target,

@@ -19,7 +19,7 @@ import torch
 from mf_edge import convert
 from mf_edge.console import set_quiet
 from mf_edge.converters import get_target
-from mf_edge.converters.xnnpack_rewrites import rewrite_for_xnnpack
+from mf_edge.converters.executorch.xnnpack_rewrites import rewrite_for_xnnpack
 from mf_edge.parity import compare, reference_logits
 from mf_edge.pipeline import Conversion, load_published, rebuild_float_model
 

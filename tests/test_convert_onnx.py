@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mf_edge import convert
-from mf_edge.converters.onnx import OPSET
+from mf_edge.converters.onnx.target import OPSET
 from mf_edge.parity import compare, reference_logits
 from mf_edge.pipeline import load_published, rebuild_float_model
 

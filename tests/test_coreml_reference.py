@@ -270,7 +270,7 @@ def test_wrong_input_scale_or_channel_order_fails_parity(tmp_path: Path) -> None
     """The Core ML target's image package: right as converted; a /127.5 instead of /255 pixel scale, or
     BGR instead of RGB, baked into the saved package, fails."""
     from mf_edge.converters import get_target
-    from mf_edge.converters.coreml import to_pixels
+    from mf_edge.converters.coreml.target import to_pixels
 
     model = family_model("identityformer_s12")
     spec = ExportSpec.for_model(get_model_info("identityformer_s12"), image_size=SIZE, precision="fp32")

@@ -204,7 +204,7 @@ def test_real_int8_engine_matches_its_qdq_onnx(cifar10_small: Path, tmp_path: Pa
     import onnxruntime as ort
 
     from mf_edge.converters import get_target
-    from mf_edge.converters.tensorrt import ENGINE_FILE, ONNX_FILE, TensorRTRuntime
+    from mf_edge.converters.tensorrt.target import ENGINE_FILE, ONNX_FILE, TensorRTRuntime
     from mf_edge.parity import compare
     from mf_edge.pipeline import export, load_model, make_spec, quantize
 

@@ -100,14 +100,15 @@ def in_tree(root: Path) -> list[Path]:
 
 
 def test_wheel_holds_every_module_once(source: Path, tmp_path: Path) -> None:
-    """The symlinks must not put the converters and calibration modules into the wheel twice."""
+    """The symlinks must not put the converters and calibration modules into the wheel twice, and every
+    module of their subfolders (one per target) must be in it."""
     names = zipfile.ZipFile(build(source, "build_wheel", tmp_path)).namelist()
     assert len(names) == len(set(names))
-    assert {"mf_edge/converters/onnx.py", "mf_edge/calibration/quantize.py",
+    assert {"mf_edge/converters/onnx/target.py", "mf_edge/calibration/quantize.py",
             "mf_edge/models/zoo_stats.json"} <= set(names)  # the table `mf-edge models` reads
     assert all(name.startswith(("mf_edge/", "mf_edge-")) for name in names), names
     sources = {str(p.relative_to(REPO)) for folder in ("converters", "calibration") for p in
-               (REPO / folder).glob("*.py")}
+               (REPO / folder).rglob("*.py")}  # the target folders (converters/onnx/, ...) included
     packaged = {name.removeprefix("mf_edge/") for name in names
                 if name.startswith(("mf_edge/converters/", "mf_edge/calibration/"))}
     assert sources == packaged

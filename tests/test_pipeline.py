@@ -111,7 +111,7 @@ def test_float_precisions_skip_ptq(model) -> None:
 def test_absent_runtime_gives_not_run_never_pass(model, tmp_path: Path) -> None:
     target = get_target("tensorrt")
     try:
-        from mf_edge.converters.tensorrt import tensorrt_unavailable_reason
+        from mf_edge.converters.tensorrt.target import tensorrt_unavailable_reason
     except ImportError:
         pytest.skip("the TensorRT target does not expose tensorrt_unavailable_reason")
     if tensorrt_unavailable_reason() is None:

@@ -154,7 +154,7 @@ def check_onnxruntime_fuses_every_gemm(artifact: Path, tmp_path: Path) -> None:
     Catches a placement onnxruntime cannot fuse: a GEMM without its output Q (DQ -> Conv stays a float
     Conv on dequantized weights; DQ -> MatMul often does too), as the scheme was before ``outputs``.
     """
-    from mf_edge.converters.onnx import float_gemms_on_int8_weights, optimized_graph
+    from mf_edge.converters.onnx.target import float_gemms_on_int8_weights, optimized_graph
 
     graph = optimized_graph(artifact, tmp_path / "optimized.onnx").graph
     ops = collections.Counter(node.op_type for node in graph.node)
@@ -165,7 +165,7 @@ def check_onnxruntime_fuses_every_gemm(artifact: Path, tmp_path: Path) -> None:
 
 def logits_gemms(graph) -> set[str]:
     """The GEMM nodes whose output reaches a graph output through no other GEMM (the classifier's)."""
-    from mf_edge.converters.onnx import FLOAT_GEMMS
+    from mf_edge.converters.onnx.target import FLOAT_GEMMS
 
     producers = {name: node for node in graph.node for name in node.output}
     found, stack, seen = set(), [output.name for output in graph.output], set()
@@ -185,7 +185,7 @@ def test_tensorrt_int8_is_a_qdq_onnx_checked_in_onnxruntime(trained_weights, cal
     """Without TensorRT, the Q/DQ ONNX an engine is built from is the artifact; parity runs in onnxruntime."""
     import onnx
 
-    from mf_edge.converters.tensorrt import tensorrt_unavailable_reason
+    from mf_edge.converters.tensorrt.target import tensorrt_unavailable_reason
 
     weights = trained_weights("convformer_s18")
     result = convert("convformer_s18", "tensorrt", "int8", weights=weights, image_size=TRAINED_SIZE,

@@ -9,14 +9,18 @@ from torch import nn
 from mf_edge import create_model
 from mf_edge.calibration.schemes import build_quantizer, scheme_for
 from mf_edge.converters import get_target
-from mf_edge.converters.xnnpack_layout import ChannelsFirstLayerNorm, ChannelsFirstSepConv, LayoutDownsampling
+from mf_edge.converters.executorch.deployment_rewrites import SplitDepthwiseConv
+from mf_edge.converters.executorch.xnnpack_layout import (
+    ChannelsFirstLayerNorm,
+    ChannelsFirstSepConv,
+    LayoutDownsampling,
+)
 from mf_edge.models.layers import LayerNormGeneral, LayerNormWithoutBias, Scale, StarReLU
 from mf_edge.rewrites import (
-    TARGET_REWRITES,
+    FOLDS,
     AffineFreeGroupNorm,
     AffineFreeLayerNorm,
     ShiftedSquaredReLU,
-    SplitDepthwiseConv,
     rewrite_for_deployment,
 )
 from mf_edge.spec import ExportSpec
@@ -40,21 +44,27 @@ def trained_like(name: str) -> nn.Module:
     return model
 
 
+def for_target(model: nn.Module, target: str) -> nn.Module:
+    """``model`` with the deployment rewrites ``target`` declares (``Target.rewrites``)."""
+    return rewrite_for_deployment(model, get_target(target).rewrites)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request) -> nn.Module:
     return trained_like(request.param)
 
 
 def test_targets_share_the_folds() -> None:
-    assert TARGET_REWRITES["coreml"] == TARGET_REWRITES["tensorrt"] == TARGET_REWRITES["onnx"]
-    assert set(TARGET_REWRITES["onnx"]) < set(TARGET_REWRITES["executorch"])
+    rewrites = {name: get_target(name).rewrites for name in ("coreml", "tensorrt", "onnx", "executorch")}
+    assert rewrites["coreml"] == rewrites["tensorrt"] == rewrites["onnx"] == tuple(FOLDS.values())
+    assert set(rewrites["onnx"]) < set(rewrites["executorch"])
 
 
 @pytest.mark.parametrize("target", ["onnx", "executorch"])
 def test_rewritten_model_equals_original(family_model: nn.Module, target: str) -> None:
     x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     before = {k: v.clone() for k, v in family_model.state_dict().items()}
-    rewritten = rewrite_for_deployment(family_model, target)
+    rewritten = for_target(family_model, target)
     with torch.no_grad():
         expected, actual = family_model(x), rewritten(x)
     relative = ((actual - expected).abs().max() / expected.abs().max()).item()
@@ -72,7 +82,7 @@ def test_executorch_prepare_after_the_rewrites_computes_the_same(family_model: n
     from mf_edge.spec import ExportSpec
 
     spec = ExportSpec.for_model(family_model.mf_edge_info, image_size=SIZE)
-    prepared = get_target("executorch").prepare(rewrite_for_deployment(family_model, "executorch"), spec)
+    prepared = get_target("executorch").prepare(for_target(family_model, "executorch"), spec)
     assert not any(isinstance(m, (nn.LayerNorm, LayerNormWithoutBias)) for m in prepared.modules())
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -82,7 +92,7 @@ def test_executorch_prepare_after_the_rewrites_computes_the_same(family_model: n
 
 def test_folds_remove_the_affine_parameters() -> None:
     model = trained_like("caformer_s18")
-    rewritten = rewrite_for_deployment(model, "onnx")
+    rewritten = for_target(model, "onnx")
     modules = list(rewritten.modules())
     # every block norm, the downsampling pre-norms and both head norms read a linear or conv: all folded
     assert not any(isinstance(m, LayerNormWithoutBias) for m in modules)
@@ -98,7 +108,7 @@ def test_folds_remove_the_affine_parameters() -> None:
 
 
 def test_group_norm_families_fold_only_what_a_linear_reads() -> None:
-    rewritten = rewrite_for_deployment(trained_like("poolformerv2_s12"), "executorch")
+    rewritten = for_target(trained_like("poolformerv2_s12"), "executorch")
     block = rewritten.stages[0][0]
     assert isinstance(block.norm2, AffineFreeGroupNorm) and block.norm2.xnnpack
     assert isinstance(block.norm1, LayerNormGeneral) and block.norm1.weight is not None  # feeds the pooling
@@ -107,7 +117,7 @@ def test_group_norm_families_fold_only_what_a_linear_reads() -> None:
 
 def test_unit_res_scale_is_dropped() -> None:
     model = create_model("convformer_s18", image_size=SIZE)  # ResScale init 1 in stages 3-4
-    rewritten = rewrite_for_deployment(model, "onnx")
+    rewritten = for_target(model, "onnx")
     assert rewritten.mf_edge_rewrites["drop_unit_res_scale"] == 2 * (9 + 3)
     assert not any(isinstance(m, Scale) for m in rewritten.modules())
 
@@ -124,13 +134,13 @@ def test_split_depthwise_equals_the_7x7_convolution() -> None:
 
 def test_only_executorch_splits_the_depthwise_convolution() -> None:
     model = create_model("convformer_s18", image_size=SIZE)
-    assert rewrite_for_deployment(model, "executorch").mf_edge_rewrites["split_depthwise"] == 18
-    assert "split_depthwise" not in rewrite_for_deployment(model, "onnx").mf_edge_rewrites
+    assert for_target(model, "executorch").mf_edge_rewrites["split_depthwise"] == 18
+    assert "split_depthwise" not in for_target(model, "onnx").mf_edge_rewrites
 
 
 def test_other_modules_pass_through() -> None:
     module = nn.Linear(3, 4)
-    assert rewrite_for_deployment(module, "executorch") is module
+    assert for_target(module, "executorch") is module
 
 
 def test_xnnpack_runs_the_split_convolution_with_depthwise_kernels(tmp_path) -> None:
@@ -174,7 +184,7 @@ def test_xnnpack_norms_keep_their_statistics_out_of_int8_schemes() -> None:
 def prepared(name: str, precision: str = "fp32") -> nn.Module:
     model = trained_like(name)
     spec = ExportSpec.for_model(model.mf_edge_info, image_size=SIZE, precision=precision)
-    return get_target("executorch").prepare(rewrite_for_deployment(model, "executorch"), spec)
+    return get_target("executorch").prepare(for_target(model, "executorch"), spec)
 
 
 @pytest.mark.parametrize(("name", "stages"), [("convformer_s18", 4), ("caformer_s18", 2),

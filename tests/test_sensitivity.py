@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from mf_edge.cli import main
-from mf_edge.sensitivity import (
+from mf_edge.calibration.sensitivity import (
     QuantizedVariants,
     choose_keep_float,
     drop_of,
     logits,
-    prepare_for_target,
     smallest_prefix,
     sqnr_db,
 )
+from mf_edge.cli import main
+from mf_edge.converters import get_target
+from mf_edge.converters.prepare import prepare_for_target
 
 SIZE = 32
 
@@ -36,14 +37,13 @@ def calibrated(cifar10_small: Path):
     from mf_edge.calibration.graph import capture
     from mf_edge.calibration.quantize import QuantizeOptions, calibrate_graph
     from mf_edge.calibration.schemes import scheme_for
-    from mf_edge.converters import get_target
     from mf_edge.pipeline import load_model, make_spec
 
     threads = torch.get_num_threads()  # restored after this module: later tests keep their threads
     torch.set_num_threads(1)
     model = load_model("convformer_s18", "random", image_size=SIZE)
     spec = make_spec(model, get_target("executorch"), "int8", SIZE)
-    prepared = prepare_for_target(model, spec, "executorch")
+    prepared = prepare_for_target(model, spec, get_target("executorch"))
     # depthwise convolutions quantized too (ExecuTorch's scheme keeps them float): the split parts
     # of one 7x7 convolution must then count as one layer
     scheme = dataclasses.replace(scheme_for("executorch", "int8"), depthwise=True)
@@ -81,7 +81,7 @@ def test_switches_compute_what_ptq_computes(calibrated) -> None:
 
 
 def test_budget_is_met_with_the_fewest_worst_layers(calibrated) -> None:
-    from mf_edge.sensitivity import layer_sensitivity
+    from mf_edge.calibration.sensitivity import layer_sensitivity
 
     variants, images, _, _ = calibrated
     x = images[12:]
@@ -153,9 +153,8 @@ def test_unknown_layer_pattern_is_a_user_error(cifar10_small: Path, tmp_path: Pa
 def test_budgeted_convert_meets_its_budget(cifar10_small: Path, tmp_path: Path) -> None:
     """``convert --precision int8 --max-drop``: the worst-ranked layers kept float, drop within budget."""
     from mf_edge.calibration.data import load_calibration_set
-    from mf_edge.converters import get_target
+    from mf_edge.calibration.sensitivity import BUDGET_EVAL_IMAGES
     from mf_edge.pipeline import convert, load_model
-    from mf_edge.sensitivity import BUDGET_EVAL_IMAGES
 
     budget, calib_size = 0.05, 24
     model = load_model("identityformer_s12", "random", image_size=SIZE)

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from mf_edge import create_model
 from mf_edge.cli import main
 from mf_edge.converters import get_target
-from mf_edge.converters.tensorrt import (
+from mf_edge.converters.tensorrt.target import (
     ENGINE_FILE,
     ONNX_FILE,
     OnnxInput,
@@ -174,7 +174,7 @@ def test_engine_command_argument_errors(tmp_path: Path, capsys: pytest.CaptureFi
 
 @needs_engine_host
 def test_real_engine_build_and_run(tmp_path: Path) -> None:
-    from mf_edge.converters.tensorrt import TensorRTRuntime
+    from mf_edge.converters.tensorrt.target import TensorRTRuntime
 
     onnx_path = write_pool_onnx(tmp_path / "model.onnx", batch="batch")
     cache = tmp_path / "timing.cache"
@@ -229,7 +229,7 @@ def test_tensorrt_onnx_matches_pytorch_in_onnxruntime(converted: Conversion) -> 
                                 precision="fp16")
     inputs = parity_inputs(spec)
     expected = reference_logits(create_model("caformer_s18", image_size=64), inputs.batch)
-    runtime = get_target("tensorrt").onnx_runtime(converted.output, spec)
+    runtime = get_target("tensorrt").fallback_runtime(converted.output, spec)
     got = np.concatenate([runtime.run(image[None]) for image in inputs.batch])
     metrics = compare(expected, got)
     assert metrics["cosine"] > 0.99999 and metrics["top1_agreement"] == 1.0, metrics
@@ -244,7 +244,7 @@ def test_dynamic_batch_export_gets_a_profile(tmp_path: Path) -> None:
     assert result.details["engine_plan"]["profile"] == {"min": [1, 3, 64, 64], "opt": [1, 3, 64, 64],
                                                         "max": [4, 3, 64, 64]}
     batch = spec.example_input(seed=1).expand(3, -1, -1, -1).contiguous().numpy()
-    got = get_target("tensorrt").onnx_runtime(tmp_path, spec).run(batch)
+    got = get_target("tensorrt").fallback_runtime(tmp_path, spec).run(batch)
     assert compare(reference_logits(model, batch), got)["cosine"] > 0.99999
 
 
@@ -264,6 +264,6 @@ def test_full_size_tensorrt_onnx(tmp_path: Path, name: str) -> None:
     get_target("tensorrt").export(model, spec, tmp_path)
     assert read_onnx_input(tmp_path / ONNX_FILE).shape == (1, 3, 224, 224)
     inputs = parity_inputs(spec, noise=2)
-    got = np.concatenate([get_target("tensorrt").onnx_runtime(tmp_path, spec).run(image[None])
+    got = np.concatenate([get_target("tensorrt").fallback_runtime(tmp_path, spec).run(image[None])
                           for image in inputs.batch])
     assert compare(reference_logits(model, inputs.batch), got)["cosine"] > 0.9999

@@ -33,8 +33,8 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from mf_edge.cli import main
-from mf_edge.converters import tensorrt as trt_target
-from mf_edge.converters.tensorrt import (
+from mf_edge.converters.tensorrt import target as trt_target
+from mf_edge.converters.tensorrt.target import (
     ENGINE_FILE,
     TensorRTRuntime,
     build_engine,

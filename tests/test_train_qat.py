@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from mf_edge import create_model
+from mf_edge.calibration.qat import graph_state, restore_for_export
 from mf_edge.converters import get_target
+from mf_edge.converters.prepare import prepare_for_target
 from mf_edge.data import find_images, load_image, preprocess
 from mf_edge.errors import UserError
 from mf_edge.manifest import spec_from_manifest
@@ -21,7 +23,6 @@ from mf_edge.pipeline import convert
 from mf_edge.spec import ExportSpec
 from mf_edge.train import TrainConfig, TrainResult, train
 from mf_edge.train.checkpoint import load_checkpoint
-from mf_edge.train.qat import deployment_model, graph_state, restore_for_export
 
 MODEL = "poolformerv2_s12"
 SIZE = 32
@@ -58,7 +59,8 @@ def test_qat_checkpoint_records_the_trained_graph(qat_run: TrainResult) -> None:
     # The graph convert rebuilds from the checkpoint holds exactly the trained state.
     model = create_model(MODEL, weights=qat_run.last_checkpoint, image_size=SIZE)
     spec = ExportSpec.for_model(model.mf_edge_info, SIZE, precision="int8", num_classes=model.num_classes)
-    prepared, facts = restore_for_export(deployment_model(model, spec, "executorch"), spec, "executorch")
+    deploy = prepare_for_target(model, spec, get_target("executorch"))
+    prepared, facts = restore_for_export(deploy, spec, "executorch")
     assert facts["source"] == "qat checkpoint" and facts["observers_frozen"]
     restored = graph_state(prepared)
     assert restored.keys() == section["state"].keys()
@@ -90,8 +92,8 @@ def test_qat_checkpoint_converts_to_int8_pte(qat_run: TrainResult, cifar10_small
     # per image, the .pte must predict what the QAT fake-quantized graph (from the checkpoint) predicts.
     model = create_model(MODEL, weights=qat_run.last_checkpoint, image_size=SIZE)
     qat_spec = ExportSpec.for_model(model.mf_edge_info, SIZE, precision="int8", num_classes=model.num_classes)
-    fake_quantized, _ = restore_for_export(deployment_model(model, qat_spec, "executorch"), qat_spec,
-                                           "executorch")
+    deploy = prepare_for_target(model, qat_spec, get_target("executorch"))
+    fake_quantized, _ = restore_for_export(deploy, qat_spec, "executorch")
     with torch.no_grad():
         qat_logits = fake_quantized(torch.from_numpy(batch)).numpy()
     agreement = float((program.argmax(1) == qat_logits.argmax(1)).mean())

@@ -20,8 +20,6 @@ from pathlib import Path
 import numpy as np
 
 PYTORCH = "pytorch"
-RUNTIME_MODULES = {"executorch": "executorch.runtime", "onnx": "onnxruntime", "coreml": "coremltools",
-                   "tensorrt": "tensorrt"}
 
 
 def _status_kib(field: str) -> int | None:
@@ -67,11 +65,10 @@ def set_threads(threads: int, target: str | None) -> dict:
 
     torch.set_num_threads(threads)
     applied: dict = {"torch": torch.get_num_threads()}
-    if target == "executorch":
-        from executorch.extension.pybindings import portable_lib
+    if target is not None:  # the runtime's own pool (ExecuTorch's threadpool), Target.set_runtime_threads
+        from mf_edge.converters import get_target
 
-        portable_lib._unsafe_reset_threadpool(threads)
-        applied["executorch_threadpool"] = int(portable_lib._threadpool_get_thread_count())
+        applied.update(get_target(target).set_runtime_threads(threads))
     return applied
 
 
@@ -79,7 +76,9 @@ def import_runtime(target: str | None) -> None:
     """Import the runtime library of ``target`` (so load time is the model's, not the library's)."""
     import importlib
 
-    module = RUNTIME_MODULES.get(target or "")
+    from mf_edge.converters import get_target
+
+    module = get_target(target).bench.runtime_module if target else None
     if module:
         try:
             importlib.import_module(module)
@@ -145,16 +144,17 @@ def load_artifact(job: dict):
     return runtime.run, facts
 
 
-def load_onnx_file(job: dict):
-    """A bare ``.onnx`` file (the onnxruntime ``quantize_static`` reference) in onnxruntime, batch dynamic."""
-    from mf_edge.converters.onnx import OnnxRuntime
+def load_reference(job: dict):
+    """A target's bench reference model (``BenchReference``: onnxruntime's ``quantize_static`` of the
+    fp32 ONNX), loaded by the target, batch dynamic."""
+    from mf_edge.converters import get_target
 
-    runtime = OnnxRuntime(Path(job["onnx"]), threads=job["threads"])
+    runtime = get_target(job["target"]).bench.reference.load(Path(job["path"]), job["threads"])
     return runtime.run, {"dynamic_batch": True, "batch_size": 1, "runtime": runtime.name,
                          "runtime_threads": runtime.threads}
 
 
-LOADERS = {PYTORCH: load_pytorch, "artifact": load_artifact, "onnx_file": load_onnx_file}
+LOADERS = {PYTORCH: load_pytorch, "artifact": load_artifact, "reference": load_reference}
 
 
 def logits_in_chunks(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, chunk: int,
@@ -182,9 +182,14 @@ def measure(job: dict) -> dict:
 
         return measure_native(job)
     import mf_edge.pipeline  # noqa: F401  (torch and mf-edge: imported before the memory baseline)
+    from mf_edge.converters import get_target, load_target_file
 
     images = np.load(job["images"])
     target = job.get("target")
+    if job.get("target_file"):  # a target added with register_target, defined outside mf-edge
+        load_target_file(job["target_file"])
+    if target:
+        get_target(target)  # the target's own mf-edge module, before the baseline too
     reset_peak_rss()
     baseline = rss_mb()
     import_runtime(target)

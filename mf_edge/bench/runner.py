@@ -28,22 +28,15 @@ from mf_edge import parity as parity_lib
 from mf_edge.bench import native
 from mf_edge.bench.images import BenchImages, bench_images
 from mf_edge.bench.measure import PYTORCH, latency_stats
-from mf_edge.bench.reference import REFERENCE_NOTE, REFERENCE_PRECISION, REFERENCE_STATUS, build_reference
 from mf_edge.console import note, step
 from mf_edge.converters import get_target
 from mf_edge.errors import UserError
 from mf_edge.pipeline import QUANTIZED_PRECISIONS, default_output, make_spec, prepare_for_target
 
+# Benchmarked when --targets is not given (each target's own ``bench`` facts say the rest: the
+# precisions it is benchmarked in, its runtime's name, dynamic batch, size only, native app, reference).
 DEFAULT_TARGETS = ("executorch", "onnx", "coreml", "tensorrt")
-# What each target is benchmarked in when --precisions is not given.
-DEFAULT_PRECISIONS = {"executorch": ("fp32", "int8", "w8"), "onnx": ("fp32", "int8"), "coreml": ("fp16",),
-                      "tensorrt": ("fp16",)}
-# Targets whose runtime here is not the deployment runtime: listed with their size only.
-SIZE_ONLY = {"coreml": "not runnable here (size only): Core ML runs on Apple devices; the Linux reference "
-                       "executor checks parity, it is not a speed measurement"}
-DYNAMIC_BATCH_TARGETS = ("executorch", "onnx")
-RUNTIME_NAMES = {"executorch": "executorch", "onnx": "onnxruntime", "coreml": "coreml",
-                 "tensorrt": "tensorrt"}
+REFERENCE_STATUS = "reference"  # a target's bench reference row: measured like the others, marked here
 DEFAULT_ARTIFACTS = Path("mf-edge-out") / "bench"
 WORKER_TIMEOUT_S = 3600
 # Manifest target details worth repeating in the bench report.
@@ -127,13 +120,13 @@ def plan(config: BenchConfig) -> list[tuple[str, str]]:
     """``(target, precision)`` pairs to benchmark.
 
     A target given as ``name:precision`` is benchmarked in that precision only; a plain name in the
-    requested precisions it supports (default: ``DEFAULT_PRECISIONS``).
+    requested precisions it supports (default: the target's ``bench.precisions``).
     """
     pairs = []
     for entry in config.targets:
         name, _, fixed = entry.partition(":")
         target = get_target(name)
-        defaults = DEFAULT_PRECISIONS.get(name, (target.default_precision,))
+        defaults = target.bench.precisions or (target.default_precision,)
         wanted = (fixed,) if fixed else config.precisions or defaults
         if fixed and fixed not in target.precisions:
             raise UserError(f"the {name} target supports {', '.join(target.precisions)}, not {fixed!r}; fix "
@@ -210,8 +203,9 @@ def make_artifact(config: BenchConfig, model, image_size: int, target: str, prec
     from mf_edge.pipeline import convert
 
     output = artifact_dir(config, image_size, target, precision)
-    dynamic = target in DYNAMIC_BATCH_TARGETS
-    runtime = RUNTIME_NAMES.get(target, target)
+    facts = get_target(target).bench
+    dynamic = facts.dynamic_batch
+    runtime = facts.runtime_name or target
     calib_data = config.calib_data or config.images if precision in QUANTIZED_PRECISIONS else None
     converted = converted_output(model, image_size, target, precision)  # `mf-edge convert`'s own folder
     if not config.rebuild and reusable(converted, model, image_size, target, precision, dynamic, calib_data):
@@ -236,8 +230,8 @@ def make_artifact(config: BenchConfig, model, image_size: int, target: str, prec
     if not artifact.exists():
         return Row(runtime, target, precision, "not runnable here", parity=parity,
                    note=(manifest.get("parity") or {}).get("reason") or f"{artifact.name} was not built here")
-    if target in SIZE_ONLY:
-        status, reason = "size only", SIZE_ONLY[target]
+    if facts.size_only:
+        status, reason = "size only", facts.size_only
     elif parity == "not run":  # the conversion could not run its own runtime here (TensorRT without a GPU)
         status = "not runnable here"
         reason = f"{manifest['parity'].get('reason')} (size: {artifact.name})"
@@ -250,20 +244,26 @@ def make_artifact(config: BenchConfig, model, image_size: int, target: str, prec
                size_mb=size_mb(artifact), parity=parity, details=details)
 
 
-def onnx_reference_row(config: BenchConfig, model, image_size: int, rows: list[Row]) -> Row:
-    """onnxruntime's own ``quantize_static`` on mf-edge's fp32 ONNX (``mf_edge.bench.reference``), with
-    the calibration images mf-edge's int8 uses: a reference row, not an mf-edge format."""
+def reference_row(config: BenchConfig, model, image_size: int, rows: list[Row], target: str) -> Row:
+    """The target's ``bench.reference`` (ONNX: onnxruntime's own ``quantize_static`` on mf-edge's fp32
+    ONNX), built from its ``source_precision`` artifact with the calibration images mf-edge's int8 uses:
+    a reference row, not an mf-edge format."""
     from mf_edge.calibration.data import DEFAULT_CALIB_SIZE
 
-    fp32 = next((row for row in rows if row.target == "onnx" and row.precision == "fp32"), None)
+    chosen = get_target(target)
+    reference = chosen.bench.reference
+    source = reference.source_precision
+    fp32 = next((row for row in rows if row.target == target and row.precision == source), None)
     if fp32 is None or fp32.artifact is None:
-        fp32 = make_artifact(config, model, image_size, "onnx", "fp32")
-    row = Row("onnxruntime", "onnx", REFERENCE_PRECISION, REFERENCE_STATUS, note=REFERENCE_NOTE)
+        fp32 = make_artifact(config, model, image_size, target, source)
+    row = Row(chosen.bench.runtime_name or target, target, reference.label, REFERENCE_STATUS,
+              note=reference.note)
     if fp32.artifact is None:
-        return dataclasses.replace(row, status="failed", note=f"no fp32 ONNX to quantize: {fp32.note}")
-    preprocessing = make_spec(model, get_target("onnx"), "fp32", image_size).preprocessing
+        return dataclasses.replace(row, status="failed", note=f"no {source} {target} artifact to quantize: "
+                                                             f"{fp32.note}")
+    preprocessing = make_spec(model, chosen, source, image_size).preprocessing
     try:
-        path = build_reference(Path(fp32.artifact), config.calib_data or config.images, preprocessing,
+        path = reference.build(Path(fp32.artifact), config.calib_data or config.images, preprocessing,
                                DEFAULT_CALIB_SIZE)
     except UserError as exc:
         return dataclasses.replace(row, status="failed", note=str(exc))
@@ -356,21 +356,27 @@ def tag_of(row: Row) -> str:
 
 
 def native_rows(rows: list[Row], app: Path | None) -> list[Row]:
-    """An ``executorch (C++)`` row per measured ExecuTorch program when the native app is built."""
+    """An ``executorch (C++)`` row per measured program of a target the native app runs
+    (``bench.native_app``: ExecuTorch), when the app is built."""
     if app is None:
         return []
     return [Row(native.RUNTIME, row.target, row.precision, "measured", artifact=row.artifact,
                 size_mb=row.size_mb, parity=row.parity, note=f"{app.name}: the app's own latency, no Python")
-            for row in rows if row.target == "executorch" and row.status == "measured"]
+            for row in rows if row.target is not None and row.status == "measured"
+            and get_target(row.target).bench.native_app]
 
 
 def worker_kind(row: Row, app: Path | None) -> dict:
-    """What a measuring worker loads for ``row``: the float model, the artifact, or the native app."""
+    """What a measuring worker loads for ``row``: the float model, the artifact, or the native app
+    (and, for a target added with ``register_target``, the file that defines it)."""
+    from mf_edge.converters import target_file
+
     if row.runtime == PYTORCH:
         return {"kind": PYTORCH}
+    source = {"target_file": target_file(row.target)} if target_file(row.target) else {}
     if row.status == REFERENCE_STATUS:
-        return {"kind": "onnx_file", "target": row.target, "onnx": row.artifact}
-    kind = {"kind": "artifact", "target": row.target, "output": str(Path(row.artifact).parent)}
+        return {"kind": "reference", "target": row.target, "path": row.artifact, **source}
+    kind = {"kind": "artifact", "target": row.target, "output": str(Path(row.artifact).parent), **source}
     if row.runtime == native.RUNTIME:
         kind.update(kind=native.KIND, app=str(app))
     return kind
@@ -397,9 +403,11 @@ def run_bench(config: BenchConfig) -> dict:
     for target, precision in pairs:
         with step(f"{target} {precision}: convert"):
             rows.append(make_artifact(config, model, image_size, target, precision))
-    if ("onnx", "int8") in pairs:
-        with step("onnx int8 reference: onnxruntime quantize_static"):
-            rows.append(onnx_reference_row(config, model, image_size, rows))
+    for target, precision in pairs:
+        reference = get_target(target).bench.reference
+        if reference is not None and reference.precision == precision:
+            with step(f"{target} {precision} reference: {reference.label}"):
+                rows.append(reference_row(config, model, image_size, rows, target))
     app = native.find_app()
     rows += native_rows(rows, app)
     measured = [row for row in rows if row.status in ("measured", REFERENCE_STATUS)]

@@ -38,14 +38,21 @@ def check_top(top: int) -> None:
         raise UserError(f"--top must be at least 1, got {top}.")
 
 
-OPTION_FLAGS = {"minimum_deployment_target": "--deployment-target", "workspace_mib": "--workspace"}
+def flag_of(option: str) -> str:
+    """The ``convert`` flag of a target option: the target that takes it names it, else ``--<option>``."""
+    from mf_edge.converters import get_target, target_names
+
+    for name in target_names():
+        flag = get_target(name).option_flags.get(option)
+        if flag:
+            return flag
+    return f"--{option.replace('_', '-')}"
 
 
 def target_options(target, **given) -> dict:
     """The target-specific options that were given; one for another target is a ``UserError``."""
     used = {name: value for name, value in given.items() if value not in (None, False)}
-    wrong = [OPTION_FLAGS.get(name, f"--{name.replace('_', '-')}") for name in used
-             if name not in getattr(target, "options", ())]
+    wrong = [flag_of(name) for name in used if name not in target.options]
     if wrong:
         raise UserError(f"{', '.join(wrong)} do not apply to --target {target.name}; drop them.")
     return {name: str(value) if isinstance(value, Path) else value for name, value in used.items()}
@@ -110,7 +117,12 @@ def convert_command(
     Console().print(chosen.next_step.format(output=result.output), highlight=False, markup=False)
 
 
-RUNTIME_WORDS = {"coreml-reference": "mf-edge's Core ML reference executor (Core ML itself needs macOS)"}
+def runtime_words() -> dict[str, str]:
+    """How the result line names a runtime: every target's ``Target.runtime_words``."""
+    from mf_edge.converters import get_target, target_names
+
+    return {runtime: words for name in target_names()
+            for runtime, words in get_target(name).runtime_words.items()}
 
 
 def end_note(report: dict, manifest: dict, quiet: bool) -> str:
@@ -118,14 +130,16 @@ def end_note(report: dict, manifest: dict, quiet: bool) -> str:
 
     A reason already printed by the notes above (not ``quiet``) is not repeated.
     """
+    from mf_edge.parity import FALLBACK
+
     status = report["status"]
     if status == "not run":
         text = f"parity not run here: {report['reason']}" if quiet else "parity not run here (why: above)"
-        if "onnx" in report:
-            text += f"; its ONNX: {report['onnx']['status']} in {report['onnx'].get('runtime')}"
+        if FALLBACK in report:
+            text += f"; its ONNX: {report[FALLBACK]['status']} in {report[FALLBACK].get('runtime')}"
     else:
         runtime = report.get("runtime")
-        text = f"parity {status} in {RUNTIME_WORDS.get(runtime, runtime)}"
+        text = f"parity {status} in {runtime_words().get(runtime, runtime)}"
         if status != "pass":
             text += f", {report['reason']}"
     if (manifest.get("weights") or {}).get("source") == "random":

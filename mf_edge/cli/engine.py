@@ -40,7 +40,7 @@ def build_command(
 
     Example: mf-edge engine build mf-edge-out/convformer_s18-224px-tensorrt-onnx-fp32/model.onnx
     """
-    from mf_edge.converters.tensorrt import build_engine, plan_engine
+    from mf_edge.converters.tensorrt.target import build_engine, plan_engine
 
     plan = plan_engine(onnx, precision, workspace, timing_cache, max_batch)
     target = output or onnx.with_suffix(".engine")
@@ -66,7 +66,7 @@ def run_command(
     """
     import numpy as np
 
-    from mf_edge.converters.tensorrt import TensorRTRuntime
+    from mf_edge.converters.tensorrt.target import TensorRTRuntime
 
     problem = not_a_file(engine)
     if problem:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mf_edge.calibration.qat import read_qat_section  # noqa: F401  (re-exported)
 from mf_edge.console import note
 from mf_edge.errors import UserError
 from mf_edge.paths import not_a_file
@@ -92,11 +93,6 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def read_qat_section(path: str | Path) -> dict | None:
-    """The ``"qat"`` section of the checkpoint at ``path``, or ``None`` for any other weights file."""
-    path = Path(path)
-    if path.suffix == ".safetensors" or not path.is_file():
-        return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # not ours to judge: plain weights are validated by mf_edge.weights

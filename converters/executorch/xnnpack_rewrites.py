@@ -28,7 +28,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
-from mf_edge.converters.xnnpack_layout import channels_first_stages
+from mf_edge.converters.executorch.xnnpack_layout import channels_first_stages
 from mf_edge.models.layers import Attention, LayerNormGeneral, LayerNormWithoutBias, RandomMixing
 
 

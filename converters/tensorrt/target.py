@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mf_edge.calibration.schemes import GEMM_OPS, Scheme
 from mf_edge.console import note, step
-from mf_edge.converters.base import ExportResult, Runtime
+from mf_edge.converters.base import BenchFacts, ExportResult, Runtime, Target
 from mf_edge.errors import RuntimeUnavailable, UserError
 from mf_edge.paths import not_a_file
 from mf_edge.spec import ExportSpec
@@ -374,13 +375,18 @@ class TensorRTRuntime:
         return torch.cat(results).numpy()
 
 
-class TensorRTTarget:
+class TensorRTTarget(Target):
     """``tensorrt``: ``model.onnx`` for TensorRT plus ``model.engine`` where TensorRT and CUDA exist."""
 
     name = "tensorrt"
     precisions: tuple[str, ...] = ("fp16", "fp32", "int8")
     default_precision = "fp16"
     options = ("workspace_mib", "timing_cache", "max_batch", "opt_batch")
+    option_flags = {"workspace_mib": "--workspace"}
+    has_fallback_runtime = True
+    # int8: symmetric Q/DQ on weighted ops' inputs plus residual adds' skip inputs (explicit quantization)
+    schemes = {"int8": Scheme("tensorrt-qdq-w8a8", "qdq", GEMM_OPS, "symmetric", residual_adds=True)}
+    bench = BenchFacts(precisions=("fp16",), runtime_name="tensorrt", runtime_module="tensorrt")
     next_step = ("next: on the NVIDIA device, mf-edge engine build {output}/model.onnx, then "
                  "mf-edge engine run {output}/model.engine image.jpg: docs/deploy/jetson.md")
 
@@ -399,9 +405,7 @@ class TensorRTTarget:
     def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
         from mf_edge.converters import get_target
 
-        if spec.precision not in self.precisions:
-            raise UserError(f"the tensorrt target supports {', '.join(self.precisions)}, "
-                            f"not {spec.precision!r}; pick one with --precision.")
+        self.check_precision(spec.precision)
         out_dir = Path(out_dir)
         options = spec.options
         if options.get("max_batch") is not None and not spec.dynamic_batch:
@@ -430,7 +434,7 @@ class TensorRTTarget:
             raise RuntimeUnavailable(reason)
         return TensorRTRuntime(Path(out_dir) / ENGINE_FILE)
 
-    def onnx_runtime(self, out_dir: Path, spec: ExportSpec) -> Runtime:
+    def fallback_runtime(self, out_dir: Path, spec: ExportSpec) -> Runtime:
         """The TensorRT-ready ONNX in onnxruntime: what can be verified on a host without TensorRT."""
         from mf_edge.converters import get_target
 

@@ -13,11 +13,15 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from mf_edge.calibration.schemes import Scheme
 from mf_edge.console import native_log_filtered, step
-from mf_edge.converters.base import ExportResult
+from mf_edge.converters.base import BenchFacts, ExportResult, Target
+from mf_edge.converters.executorch.deployment_rewrites import split_depthwise, xnnpack_norms
+from mf_edge.converters.executorch.quantizer import xnnpack_quantizer
+from mf_edge.converters.executorch.xnnpack_rewrites import infer_symbolic_view_dims, rewrite_for_xnnpack
 from mf_edge.converters.program import Float16Model, export_program
-from mf_edge.converters.xnnpack_rewrites import infer_symbolic_view_dims, rewrite_for_xnnpack
 from mf_edge.errors import RuntimeUnavailable, UserError
+from mf_edge.rewrites import FOLDS
 from mf_edge.spec import ExportSpec
 
 ARTIFACT = "model.pte"
@@ -92,7 +96,9 @@ class ExecuTorchRuntime:
         return outputs[0].numpy()
 
 
-class ExecuTorchTarget:
+class ExecuTorchTarget(Target):
+    """``executorch``: an XNNPACK-delegated ``model.pte``, run by the ExecuTorch runtime."""
+
     name = "executorch"
     precisions = ("fp32", "fp16", "int8", "w8")
     default_precision = "fp32"
@@ -100,6 +106,16 @@ class ExecuTorchTarget:
     next_step = ("next: run it natively with build/mf-classify {output} image.jpg (build it: "
                  "cmake -S apps/executorch_cpp -B build && cmake --build build); on Android: "
                  "docs/deploy/android.md")
+    rewrites = (*FOLDS.values(), xnnpack_norms, split_depthwise)
+    # int8: XNNPACK's int8 kernels on convolutions and linears, depthwise convolutions float (slower in
+    # int8 there); w8: dynamic int8 linears (see calibration/schemes.py)
+    schemes = {
+        "int8": Scheme("xnnpack-w8a8", "xnnpack", ("conv2d", "linear"), "affine", depthwise=False,
+                       build=xnnpack_quantizer),
+        "w8": Scheme("xnnpack-dynamic-w8", "xnnpack", ("linear",), "dynamic", build=xnnpack_quantizer),
+    }
+    bench = BenchFacts(precisions=("fp32", "int8", "w8"), runtime_name="executorch",
+                       runtime_module="executorch.runtime", dynamic_batch=True, native_app=True)
 
     def prepare(self, model: nn.Module, spec: ExportSpec) -> nn.Module:
         """A copy of the float model whose every op XNNPACK delegates (before quantization).
@@ -131,6 +147,13 @@ class ExecuTorchTarget:
 
     def runtime(self, out_dir: Path, spec: ExportSpec) -> ExecuTorchRuntime:
         return ExecuTorchRuntime(Path(out_dir) / ARTIFACT)
+
+    def set_runtime_threads(self, threads: int) -> dict:
+        """Resize the ExecuTorch runtime's own thread pool (XNNPACK's kernels run on it)."""
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(threads)
+        return {"executorch_threadpool": int(portable_lib._threadpool_get_thread_count())}
 
 
 TARGET = ExecuTorchTarget()

@@ -12,8 +12,15 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from mf_edge.calibration.schemes import GEMM_OPS, Scheme
 from mf_edge.console import step
-from mf_edge.converters.base import ExportResult
+from mf_edge.converters.base import BenchFacts, BenchReference, ExportResult, Target
+from mf_edge.converters.onnx.reference import (
+    REFERENCE_NOTE,
+    REFERENCE_PRECISION,
+    build_reference,
+    load_reference,
+)
 from mf_edge.converters.program import Float16Model, example_batch, export_program
 from mf_edge.errors import RuntimeUnavailable, UserError
 from mf_edge.spec import ExportSpec
@@ -91,17 +98,22 @@ class OnnxRuntime:
         return self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
-class OnnxTarget:
+class OnnxTarget(Target):
+    """``onnx``: ``model.onnx`` (opset 18), checked in onnxruntime; takes the float model as it is."""
+
     name = "onnx"
     precisions = ("fp32", "fp16", "int8", "w8")
     default_precision = "fp32"
     artifact = ARTIFACT
     next_step = ("next: python apps/classify/classify.py {output} image.jpg (needs only numpy, pillow and "
                  "onnxruntime)")
-
-    def prepare(self, model: nn.Module, spec: ExportSpec) -> nn.Module:
-        """ONNX takes the float model as it is."""
-        return model
+    # int8: symmetric Q/DQ on GEMM inputs and outputs (onnxruntime fuses DQ -> op -> Q into QLinear ops)
+    schemes = {"int8": Scheme("qdq-w8a8", "qdq", GEMM_OPS, "symmetric", outputs=True),
+               "w8": Scheme("qdq-weight-only-w8", "qdq", ("conv2d", "linear"), None)}
+    bench = BenchFacts(precisions=("fp32", "int8"), runtime_name="onnxruntime", runtime_module="onnxruntime",
+                       dynamic_batch=True,
+                       reference=BenchReference("int8", "fp32", REFERENCE_PRECISION, REFERENCE_NOTE,
+                                                build_reference, load_reference))
 
     def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
         import onnx

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mf_edge.calibration.schemes import GEMM_OPS, Scheme
 from mf_edge.console import is_quiet, step
-from mf_edge.converters.base import ExportResult, Runtime
+from mf_edge.converters.base import BenchFacts, ExportResult, Runtime, Target
 from mf_edge.converters.program import export_program
 from mf_edge.errors import RuntimeUnavailable, UserError
 from mf_edge.labels import labels_for
@@ -278,7 +279,7 @@ def compress_weights(mlmodel) -> tuple[Any, dict]:
                         "weight_threshold": config.weight_threshold}
 
 
-class CoreMLTarget:
+class CoreMLTarget(Target):
     """``coreml``: ML Program ``.mlpackage``, fp16 compute by default, image input with normalisation."""
 
     name = "coreml"
@@ -288,13 +289,21 @@ class CoreMLTarget:
     next_step = ("next: on a Mac or iPhone, add {output}/model.mlpackage to an Xcode project: "
                  "docs/deploy/ios.md")
     options = ("classifier", "minimum_deployment_target", "labels")
+    option_flags = {"minimum_deployment_target": "--deployment-target"}
+    # int8: affine Q/DQ on GEMM inputs (quantize/dequantize ops, constexpr int8 weights); w8: weights only,
+    # compressed by coremltools after conversion
+    schemes = {"int8": Scheme("coreml-w8a8", "qdq", GEMM_OPS, "affine"),
+               "w8": Scheme("coreml-weight-only-w8", "qdq", ("conv2d", "linear"), None,
+                            applied_by="coremltools")}
+    runtime_words = {"coreml-reference": "mf-edge's Core ML reference executor (Core ML itself needs macOS)"}
+    bench = BenchFacts(precisions=("fp16",), runtime_name="coreml", runtime_module="coremltools",
+                       size_only="not runnable here (size only): Core ML runs on Apple devices; the Linux "
+                                 "reference executor checks parity, it is not a speed measurement")
 
     def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> ExportResult:
         import coremltools as ct
 
-        if spec.precision not in self.precisions:
-            raise UserError(f"the coreml target supports {', '.join(self.precisions)}, "
-                            f"not {spec.precision!r}; pick one with --precision.")
+        self.check_precision(spec.precision)
         _check_batch(spec)
         info = getattr(model, "mf_edge_info", None) or get_model_info(spec.model)
         weights = getattr(model, "mf_edge_weights", None) or {"source": "unknown"}

@@ -15,7 +15,6 @@ import numpy as np
 from mf_edge.errors import RuntimeUnavailable
 
 REFERENCE_PRECISION = "int8 (onnxruntime quantize_static)"
-REFERENCE_STATUS = "reference"  # measured like the others; the status column marks it
 REFERENCE_NOTE = "reference, not an mf-edge format: onnxruntime's own quantize_static on mf-edge's fp32 ONNX"
 
 
@@ -68,3 +67,10 @@ def build_reference(fp32_artifact: Path, calib_data: Path | None, preprocessing,
     calib = load_calibration_set(calib_data, preprocessing, calib_size, seed=0)
     return ort_quantize_static(fp32_artifact, reference_folder(fp32_artifact) / "model.onnx",
                                calib.images.numpy())
+
+
+def load_reference(path: Path, threads: int | None):
+    """The reference ``model.onnx`` in onnxruntime (batch dynamic), with ``threads`` intra-op threads."""
+    from mf_edge.converters.onnx.target import OnnxRuntime
+
+    return OnnxRuntime(path, threads=threads)

@@ -1,0 +1,5 @@
+"""The ``coreml`` target's folder: its ``Target`` (``target.py``) and what only it needs."""
+
+from mf_edge.converters.coreml.target import TARGET
+
+__all__ = ["TARGET"]
