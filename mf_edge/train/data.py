@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets
@@ -105,15 +106,43 @@ def _split(root: Path, train_tf: Callable, val_tf: Callable, val_fraction: float
                      Subset(val_view, train.indices))
 
 
+class SeededAugmentation(Dataset):
+    """``dataset`` whose random augmentation of image ``index`` in epoch ``epoch`` is drawn from a generator
+    seeded with ``(seed, epoch, index)`` alone: an image gets the same crop and flip whichever process
+    or loader worker reads it, so the run does not depend on the number of processes or workers."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from torch's CPU generator
+            seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+            torch.manual_seed(int(seed))
+            return self.dataset[index]
+
+
 def train_loader(
     dataset: Dataset, batch_size: int, workers: int, rank: int, world_size: int, seed: int
 ) -> DataLoader:
-    """A shuffling loader over this rank's shard; call ``set_epoch`` on its sampler each epoch."""
+    """A shuffling loader over this rank's shard; ``seed_epoch`` sets the epoch before each epoch.
+
+    The global order is one seeded permutation per epoch, whatever the world size: ``DistributedSampler``
+    deals it out round-robin, so step ``s`` of ``world_size`` processes with ``batch_size`` each reads
+    exactly the images of step ``s`` of one process with ``world_size * batch_size``; with the seeded
+    augmentation, the same images augmented the same way (DDP's gradient mean is then the one process's).
+    """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                  drop_last=True)
     drop_last = len(sampler) >= batch_size
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=drop_last, generator=torch.Generator(), pin_memory=torch.cuda.is_available())
+    return DataLoader(SeededAugmentation(dataset, seed), batch_size=batch_size, sampler=sampler,
+                      num_workers=workers, drop_last=drop_last, generator=torch.Generator(),
+                      pin_memory=torch.cuda.is_available())
 
 
 def val_loader(dataset: Dataset, batch_size: int, workers: int, rank: int, world_size: int) -> DataLoader:
@@ -124,6 +153,8 @@ def val_loader(dataset: Dataset, batch_size: int, workers: int, rank: int, world
 
 
 def seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
-    """Make the epoch's shuffle and the worker seeds a function of ``(seed, epoch, rank)`` only."""
+    """Make the epoch's shuffle and augmentation a function of ``(seed, epoch)``, and the worker seeds one
+    of ``(seed, epoch, rank)``."""
     loader.sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
     loader.generator.manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
