@@ -79,9 +79,11 @@ class MilProgram:
 def _output_spec(named: MIL_pb2.NamedValueType) -> OutputSpec:
     if named.type.WhichOneof("type") == "tensorType":
         tensor = named.type.tensorType
-        unknown_rank = any(dim.WhichOneof("dimension") == "unknown" and dim.unknown.variadic
-                           for dim in tensor.dimensions)
-        return OutputSpec(named.name, tensor.dataType, None if unknown_rank else tensor_shape(tensor))
+        shape = tensor_shape(tensor)
+        if None in shape and any(dim.WhichOneof("dimension") == "unknown" and dim.unknown.variadic
+                                 for dim in tensor.dimensions):
+            shape = None  # unknown rank
+        return OutputSpec(named.name, tensor.dataType, shape)
     return OutputSpec(named.name, None, None)
 
 
