@@ -12,8 +12,11 @@ coremltools' own. The test classes are imported into this module and each test m
   from ``supported_ops()``) is skipped "not claimed";
 - a test that reaches no prediction (type inference, builder-only, error-path tests) is skipped
   "no prediction": it proves nothing about the executor;
-- a test feeding fp16-typed data to an fp32 program whose numbers miss is an expected failure
-  (``FP16_DATA`` says why: its expectation ignores the fp16 rounding of the data the program stores);
+- a test whose program is a NeuralNetwork model (``assert_model_is_valid``'s default) is skipped
+  "not an ML Program";
+- a test feeding fp16-typed data to an fp32 program whose numbers miss the test's tolerance but meet
+  ``FP16_DATA_TOLERANCE`` (about ten fp16 steps) is an expected failure (``FP16_DATA`` says why: its
+  expectation ignores the fp16 rounding of the data the program stores); a larger miss fails;
 - a test listed in ``KNOWN`` must fail (a behaviour only Core ML's runtime defines, with the reason);
   if it passes the listing is stale and the test fails.
 
@@ -29,7 +32,11 @@ from __future__ import annotations
 import fnmatch
 import functools
 import importlib
+import inspect
 import os
+import random
+import sys
+import zlib
 from typing import Any
 
 import numpy as np
@@ -42,6 +49,7 @@ os.environ["INCLUDE_MIL_FP32_UNIT_TESTS"] = "1"
 
 ct = importlib.import_module("coremltools")  # a required dependency: never behind a skip
 ct_testing_utils = importlib.import_module("coremltools.converters.mil.testing_utils")
+ops_testing_utils = importlib.import_module("coremltools.converters.mil.mil.ops.tests.testing_utils")
 
 from mf_edge.coreml_reference import UnsupportedOpError, load_reference, supported_ops  # noqa: E402
 
@@ -83,16 +91,51 @@ FAST = {
 }
 
 #: Node-id patterns (``fnmatch``) of tests that must fail here, with the reason.
-KNOWN: dict[str, str] = {}
+KNOWN: dict[str, str] = {
+    "Test_iOS1[47]_normalization_TestNormalizationLocalResponseNorm::test_builder_to_backend_smoke*-backend1]":
+        "hard-coded expectation of Core ML's runtime for a rank-3 input [1, 3, 2]: each value divided by its "
+        "own square only, as if the channel axis were -3 (size 1 here, the NeuralNetwork layer's [C, H, W]); "
+        "the MIL spec says x is [n, C, *D], so the executor sums over axis 1 (as torch's LocalResponseNorm, "
+        "which the stress tests compare with and pass). fp32 only: the fp16 backend's widened tolerance "
+        "(atol 0.5) hides the difference",
+}
 
 #: Why a test feeding fp16 data to an fp32 program may miss its tolerance (see ``_rounded_data``).
 FP16_DATA = ("fp16 data in an fp32 program: the test computes its expected values at another precision "
              "than the program (from the fp32 tensors before rounding them to the fp16 the program stores, "
              "or in numpy fp16 arithmetic); a tensor's MIL dtype is what Core ML holds, so the executor "
              "computes on the stored fp16 values in fp32 (the program's precision) and rounds only outputs "
-             "declared fp16: within about one fp16 step of the expectation, not within atol 1e-4")
+             "declared fp16: within about ten fp16 steps of the expectation (FP16_DATA_TOLERANCE, checked), "
+             "not within atol 1e-4")
+
+#: The widened comparison a test with fp16 data in an fp32 program must still meet to be an expected
+#: failure: about ten fp16 steps (2 ** -10 each) relative to the values, absolute below 1 (a conv sums
+#: many products of rounded weights, whose errors add up), a twentieth of coremltools' fp16 tolerance.
+FP16_DATA_TOLERANCE = {"atol": 1e-2, "rtol": 1e-2}
 
 _predictions = 0
+_fp16_data = False  # the running test gives an fp32 program fp16 data (set by ``_routed``)
+
+
+class Fp16DataMiss(AssertionError):
+    """Missed the test's fp32 tolerance, met ``FP16_DATA_TOLERANCE``."""
+
+
+def _compare_backend(original: Any) -> Any:
+    """coremltools' ``compare_backend``; for fp16 data in an fp32 program a miss of the test's own
+    tolerance is checked again at ``FP16_DATA_TOLERANCE`` (its own failure if it misses that too)."""
+
+    @functools.wraps(original)
+    def compare(**kwargs: Any) -> Any:
+        try:
+            return original(**kwargs)
+        except AssertionError as exc:
+            if not _fp16_data:
+                raise
+            original(**{**kwargs, **FP16_DATA_TOLERANCE})
+            raise Fp16DataMiss(str(exc)) from None
+
+    return compare
 
 
 def _feed(value: Any) -> np.ndarray:
@@ -105,6 +148,8 @@ def _reference_predict(self: Any, data: dict, state: Any = None) -> dict[str, np
     global _predictions
     if state is not None:
         raise UnsupportedOpError("state", "stateful prediction")
+    if self.package_path is None:  # assert_model_is_valid's default backend: a NeuralNetwork model
+        pytest.skip("not an ML Program: the executor runs ML Programs only")
     program = load_reference(self.package_path)
     outputs = program.run({name: _feed(value) for name, value in data.items()})
     _predictions += 1
@@ -112,10 +157,22 @@ def _reference_predict(self: Any, data: dict, state: Any = None) -> dict[str, np
 
 
 @pytest.fixture(autouse=True)
+def _seeded(request: pytest.FixtureRequest) -> None:
+    """coremltools' tests draw unseeded random data: seed it from the test's id, so a run repeats."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    np.random.seed(seed)
+    random.seed(seed)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
 def _predict_with_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ct_testing_utils, "_IS_MACOS", True)
     monkeypatch.setattr(ct.models.utils, "_macos_version", lambda: (15, 0))
     monkeypatch.setattr(ct.models.MLModel, "predict", _reference_predict)
+    compare = _compare_backend(ct_testing_utils.compare_backend)
+    monkeypatch.setattr(ops_testing_utils, "compare_backend", compare)
 
 
 def _not_claimed(exc: UnsupportedOpError) -> bool:
@@ -139,8 +196,9 @@ def _rounded_data(kwargs: dict) -> bool:
 def _routed(method: Any) -> Any:
     @functools.wraps(method)
     def run(*args: Any, **kwargs: Any) -> None:
-        global _predictions
+        global _predictions, _fp16_data
         _predictions = 0
+        _fp16_data = _rounded_data(kwargs)
         reason = _known_reason()
         try:
             method(*args, **kwargs)
@@ -150,9 +208,11 @@ def _routed(method: Any) -> Any:
             if reason:
                 pytest.xfail(reason)
             raise
+        except Fp16DataMiss:
+            pytest.xfail(reason or FP16_DATA)
         except AssertionError:
-            if reason or _rounded_data(kwargs):
-                pytest.xfail(reason or FP16_DATA)
+            if reason:
+                pytest.xfail(reason)
             raise
         except Exception:
             if reason:
@@ -212,7 +272,8 @@ def _suite_class(cls: type, fast: list[str] | None = None) -> type:
             method.pytestmark = marks  # shared by the fast and the full variant
         wrapped = _routed(method)
         wrapped.pytestmark = _trimmed(marks, fast is not None)
-        members[name] = wrapped
+        static = isinstance(inspect.getattr_static(cls, name), staticmethod)  # called without ``self``
+        members[name] = staticmethod(wrapped) if static else wrapped
     members["pytestmark"] = [mark for mark in getattr(cls, "pytestmark", [])]
     return type(cls.__name__, (cls,), members)
 

@@ -29,7 +29,8 @@ class Ref:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """A variable an op defines: its name, MIL ``DataType`` and shape (``None`` for non-tensors)."""
+    """A variable an op defines: its name, MIL ``DataType`` and shape (``None`` for non-tensors and for
+    a tensor of unknown rank, e.g. ``fill`` with a run-time shape)."""
 
     name: str
     data_type: int | None
@@ -78,7 +79,11 @@ class MilProgram:
 def _output_spec(named: MIL_pb2.NamedValueType) -> OutputSpec:
     if named.type.WhichOneof("type") == "tensorType":
         tensor = named.type.tensorType
-        return OutputSpec(named.name, tensor.dataType, tensor_shape(tensor))
+        shape = tensor_shape(tensor)
+        if None in shape and any(dim.WhichOneof("dimension") == "unknown" and dim.unknown.variadic
+                                 for dim in tensor.dimensions):
+            shape = None  # unknown rank
+        return OutputSpec(named.name, tensor.dataType, shape)
     return OutputSpec(named.name, None, None)
 
 

@@ -294,9 +294,11 @@ def range_1d(end: Any, start: Any, step: Any) -> np.ndarray:
 
 @kernel("flatten2d")
 def flatten2d(x: np.ndarray, axis: Any = 1) -> np.ndarray:
-    """``[prod(shape[:axis]), prod(shape[axis:])]``."""
-    dim = as_int(axis) % x.ndim if x.ndim else 0
-    return x.reshape(int(np.prod(x.shape[:dim], dtype=np.int64)), -1)
+    """``[prod(shape[:axis]), prod(shape[axis:])]``; ``axis`` lies in ``[-rank, rank]`` (``rank`` gives
+    ``[size, 1]``)."""
+    dim = as_int(axis)
+    dim = dim + x.ndim if dim < 0 else dim
+    return x.reshape(int(np.prod(x.shape[:dim], dtype=np.int64)), int(np.prod(x.shape[dim:], dtype=np.int64)))
 
 
 @kernel("reverse")
