@@ -1,4 +1,4 @@
-"""The README and the pages under docs/: every relative link resolves, and the README stays short.
+"""README, docs/ pages and the apps' READMEs: every relative link resolves, and the README stays short.
 
 A relative link must name a file or folder of the checkout, and its ``#anchor`` (or a same-page
 ``#anchor``) a heading of the Markdown file it points at, slugged as GitHub slugs headings. Planted
@@ -19,8 +19,9 @@ HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 
 
 def markdown_files() -> list[Path]:
-    """README.md and every Markdown page under docs/."""
-    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    """README.md, every Markdown page under docs/ and the apps' READMEs."""
+    pages = [*(ROOT / "docs").rglob("*.md"), *(ROOT / "apps").rglob("*.md")]
+    return [ROOT / "README.md", *sorted(pages)]
 
 
 def prose_lines(path: Path) -> list[str]:
