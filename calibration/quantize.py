@@ -34,6 +34,7 @@ from mf_edge.calibration.schemes import (
     check_keep_float,
     matches_keep_float,
     scheme_for,
+    snap_biases_to_accumulator_grid,
 )
 from mf_edge.calibration.statistics import (
     DEFAULT_BATCH,
@@ -175,6 +176,8 @@ def quantize_for_export(model: nn.Module, spec: ExportSpec,
     with step(f"quantizing ({scheme.name})"):
         prepared = prepare_and_load(graph, scheme, observer, keep_float, stats, spec.image_size)
         simulated = convert_quantized(prepared)
+        if scheme.bias_grid:  # the simulation adds the bias the runtime's int8 kernels add
+            facts["biases_on_accumulator_grid"] = snap_biases_to_accumulator_grid(simulated)
     facts["options"] = opts.to_dict()
     module = model if scheme.applied_by == "coremltools" else simulated
     return QuantizedModel(module, simulated, facts)
