@@ -210,9 +210,10 @@ def quantize_qat_checkpoint(
         raise UserError(f"{', '.join(calibrating)} do(es) not apply to a QAT checkpoint (its ranges were "
                         f"learned in training, no calibration runs); drop {', '.join(calibrating)}.")
     prepared, facts = restored
+    scheme = scheme_for(options.target, PRECISION)
     with step(f"converting the QAT graph ({facts['scheme']})"):
-        simulated = convert_quantized(prepared)
-    details = {"scheme": scheme_for(options.target, PRECISION).describe(), "keep_float": [],
+        simulated = convert_quantized(prepared, scheme)  # the scheme's bias grid too, as PTQ's
+    details = {"scheme": scheme.describe(), "keep_float": [],
                "kept_float_layers": [], "observer": "qat (moving-average fake quantization)",
                "calibration": facts, "options": options.to_dict()}
     return QuantizedModel(simulated, simulated, details)

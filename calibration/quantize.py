@@ -35,6 +35,7 @@ from mf_edge.calibration.schemes import (
     check_keep_float,
     matches_keep_float,
     scheme_for,
+    snap_biases_to_accumulator_grid,
 )
 from mf_edge.calibration.statistics import (
     DEFAULT_BATCH,
@@ -123,9 +124,12 @@ def prepare_and_load(graph_module: GraphModule, scheme: Scheme, observer: str, k
     return prepared
 
 
-def convert_quantized(prepared: GraphModule) -> GraphModule:
-    """``convert_pt2e``: observers become quantize/dequantize ops, weights are stored as int8."""
+def convert_quantized(prepared: GraphModule, scheme: Scheme | None = None) -> GraphModule:
+    """``convert_pt2e``: observers become quantize/dequantize ops, weights are stored as int8; with a
+    ``scheme.bias_grid`` the biases are rounded to the int32 accumulator grid its runtime uses."""
     converted = convert_pt2e(prepared)
+    if scheme is not None and scheme.bias_grid:
+        snap_biases_to_accumulator_grid(converted)
     return allow_exported_model_train_eval(converted)  # targets and parity may call .eval() on it
 
 
@@ -173,7 +177,7 @@ def quantize_for_export(model: nn.Module, spec: ExportSpec,
         facts.update(keep_float=list(keep_float), kept_float_layers=kept_float_layers(model, keep_float))
     with step(f"quantizing ({scheme.name})"):
         prepared = prepare_and_load(graph, scheme, observer, keep_float, stats, spec.image_size)
-        simulated = convert_quantized(prepared)
+        simulated = convert_quantized(prepared, scheme)  # with the biases the runtime's kernels add
     facts["options"] = opts.to_dict()
     module = model if scheme.applied_by == "coremltools" else simulated
     return QuantizedModel(module, simulated, facts)

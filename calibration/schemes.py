@@ -19,6 +19,10 @@ its ``build``, e.g. ``converters/executorch/quantizer.py``). Targets differ only
     onnxruntime fuses only complete DQ -> Conv/MatMul -> Q units into ``QLinearConv``/
     ``QLinearMatMul`` (its QDQ selector/action transformer); without the output Q a convolution
     stays a float ``Conv`` on dequantized weights, and int8 measured slower than fp32.
+    Its fused kernels also re-quantize each float bias to int32 at scale ``s_x * s_w`` (the
+    accumulator's step), so the scheme rounds the biases onto that grid first (``bias_grid``):
+    the simulation then adds the bias the runtime adds (worst-image cosine to the simulation
+    0.99961 -> 0.99978 on the trained ConvFormer-S18 of tests/test_ptq.py).
   - TensorRT keeps its explicit-quantization guide's placement: inputs of weighted ops only (it
     propagates Q/DQ itself and fuses the following activation in higher precision) plus the skip
     input of residual adds, so TensorRT fuses the add into the preceding GEMM's int8 epilogue.
@@ -48,6 +52,7 @@ OPS = {"conv2d": aten.conv2d.default, "linear": aten.linear.default, "matmul": a
 GEMMS = {aten.conv2d.default, aten.linear.default, aten.matmul.default, aten.bmm.default, aten.mm.default}
 SHAPE_OPS = {aten.permute.default, aten.reshape.default, aten.view.default, aten.transpose.int,
              aten.flatten.using_ints, aten.contiguous.default, aten.clone.default, aten.mul.Tensor}
+SOFTMAX = {aten.softmax.int, aten._softmax.default}
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Scheme:
     # builds the quantizer: ``build(scheme, observer, quantizable)``; None: ``QDQQuantizer``
     build: Callable[[Scheme, str, Callable[[Node], bool]], Quantizer] | None = field(
         default=None, compare=False, repr=False)
+    bias_grid: bool = False  # True: float biases rounded to the int32 accumulator grid s_x * s_w
 
     @property
     def calibrated(self) -> bool:
@@ -78,6 +84,7 @@ class Scheme:
                 "activations": f"int8 per-tensor {self.activations}" if self.calibrated
                 else ("int8 dynamic per batch" if self.activations == "dynamic" else "float"),
                 "residual_adds": self.residual_adds, "quantized_outputs": self.outputs,
+                "bias": "float on the int32 grid (input scale x weight scale)" if self.bias_grid else "float",
                 "applied_by": self.applied_by,
                 "depthwise_conv": "int8" if self.depthwise or "conv2d" not in self.ops else "float"}
 
@@ -192,9 +199,13 @@ class QDQQuantizer(Quantizer):
         return model
 
     def _quantized_output(self, node: Node) -> bool:
-        """With ``scheme.outputs``: a GEMM's output, except one the graph returns (the logits stay float)."""
+        """With ``scheme.outputs``: a GEMM's output, except one the graph returns (the logits stay float)
+        and attention scores (a GEMM feeding a softmax): onnxruntime would fuse DQ -> Softmax -> Q into
+        ``QLinearSoftmax``, whose table-lookup exponent rounds away from the simulation (worst-image
+        cosine 0.99939 on the trained CAFormer-S18); with a float output the scores' GEMM runs as
+        ``MatMulIntegerToFloat`` (still an int8 GEMM) and the softmax in float."""
         return (self.scheme.outputs and self.activation is not None and node.target in self.targets
-                and all(user.op != "output" for user in node.users))
+                and all(user.op != "output" for user in node.users) and not _feeds_softmax(node))
 
     def _input_specs(self, node: Node) -> dict[Node, QuantizationSpec]:
         if node.target in self.targets:
@@ -213,6 +224,18 @@ class QDQQuantizer(Quantizer):
 
     def validate(self, model: GraphModule) -> None:
         pass
+
+
+def _feeds_softmax(node: Node) -> bool:
+    """Whether ``node``'s output reaches a softmax, possibly through reshapes, permutes or a scale."""
+    users = list(node.users)
+    while users:
+        user = users.pop()
+        if user.target in SOFTMAX:
+            return True
+        if user.target in SHAPE_OPS:
+            users.extend(user.users)
+    return False
 
 
 def _from_gemm(node: Node) -> bool:
@@ -284,6 +307,40 @@ def has_trained_weight(node: Node) -> bool:
         return True
     buffers = dict(node.graph.owning_module.named_buffers())
     return weight.target not in buffers
+
+
+def snap_biases_to_accumulator_grid(model: GraphModule) -> int:
+    """Round the float bias of every quantized conv/linear of a converted graph to a multiple of
+    ``s_x * s_w[c]`` (input scale times the output channel's weight scale); returns how many changed.
+
+    An int8 kernel adds its bias to the int32 accumulator, whose step is ``s_x * s_w``: onnxruntime
+    turns a float bias into ``round(b / (s_x * s_w))`` when it fuses ``QLinearConv``/``QGemm``.
+    Rounding here first changes each bias by at most half an accumulator step (far below the output's
+    own step) and makes the simulation add exactly what the runtime adds.
+    """
+    import operator
+
+    snapped = 0
+    for node in model.graph.nodes:
+        if node.op != "call_function" or node.target not in (aten.conv2d.default, aten.linear.default):
+            continue
+        if len(node.args) < 3 or not all(isinstance(arg, Node) for arg in node.args[:3]):
+            continue
+        source, weight, bias = node.args[:3]
+        if (source.target != torch.ops.quantized_decomposed.dequantize_per_tensor.default
+                or weight.target != torch.ops.quantized_decomposed.dequantize_per_channel.default
+                or bias.op != "get_attr" or weight.args[1].op != "get_attr"):
+            continue
+        weight_scales = operator.attrgetter(weight.args[1].target)(model)
+        step = torch.tensor(float(source.args[1]), dtype=torch.float32) * weight_scales.to(torch.float32)
+        owner_name, _, name = bias.target.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        values = getattr(owner, name)
+        rounded = torch.round(values.detach() / step) * step  # a new tensor: the float model's stays as it is
+        setattr(owner, name, torch.nn.Parameter(rounded, requires_grad=False)
+                if isinstance(values, torch.nn.Parameter) else rounded)
+        snapped += 1
+    return snapped
 
 
 def build_quantizer(scheme: Scheme, observer: str, keep_float: Iterable[str] = ()) -> Quantizer:

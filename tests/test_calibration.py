@@ -210,7 +210,8 @@ def _quantized(graph, images, target, precision="int8", observer="minmax", keep_
         calib = CalibrationSet(images, [f"{i}" for i in range(len(images))], "x", "test")
         options = QuantizeOptions(target=target, batch_size=8)
         stats = calibrate_graph(graph, [scheme], observer, calib, options)
-    return convert_quantized(prepare_and_load(copy.deepcopy(graph), scheme, observer, keep_float, stats, 8))
+    prepared = prepare_and_load(copy.deepcopy(graph), scheme, observer, keep_float, stats, 8)
+    return convert_quantized(prepared, scheme)
 
 
 def _nodes(module, target):
@@ -258,6 +259,37 @@ def test_onnx_quantizes_gemm_outputs_tensorrt_the_skip_input_of_the_residual_add
     assert residual_add_operands(onnx) == (False, True)  # (skip x, fc2 output)
     assert residual_add_operands(tensorrt) == (True, False)
     assert not logits_dequantized(onnx) and not logits_dequantized(tensorrt)
+
+
+def biases_off_grid(converted) -> float:
+    """The largest distance of a quantized conv/linear bias from the int32 grid ``s_x * s_w``, in steps."""
+    import operator
+
+    worst = 0.0
+    aten = torch.ops.aten
+    gemms = _nodes(converted, aten.conv2d.default) + _nodes(converted, aten.linear.default)
+    for node in gemms:
+        source, weight, bias = (*node.args[:3], None)[:3]
+        if source.target != torch.ops.quantized_decomposed.dequantize_per_tensor.default or bias is None:
+            continue
+        step = float(source.args[1]) * operator.attrgetter(weight.args[1].target)(converted)
+        steps = operator.attrgetter(bias.target)(converted) / step
+        worst = max(worst, float((steps - steps.round()).abs().max().detach()))
+    return worst
+
+
+def test_onnx_keeps_attention_scores_float_and_biases_on_the_accumulator_grid(tiny_graph):
+    """onnxruntime fuses DQ -> Softmax -> Q into ``QLinearSoftmax`` and stores a fused GEMM's float bias
+    as int32 at ``s_x * s_w``; the ONNX scheme keeps the scores' output float and rounds the biases onto
+    that grid, so its simulation computes what the runtime does (docs/int8-placement.md). Core ML's
+    scheme does neither. Planted: with ``bias_grid=False`` the ONNX biases sit 0.48 steps off; without
+    the softmax rule the scores' matmul output is quantized; both asserts failed."""
+    _, graph, images = tiny_graph
+    onnx, coreml = _quantized(graph, images, "onnx"), _quantized(graph, images, "coreml")
+    scores, mixed = _nodes(onnx, torch.ops.aten.matmul.default)
+    assert [u.target for u in scores.users] == [torch.ops.aten.softmax.int]  # float scores
+    assert [u.target for u in mixed.users] == [QUANTIZE]  # the other matmul's output is quantized
+    assert biases_off_grid(onnx) < 1e-3 < 0.1 < biases_off_grid(coreml)
 
 
 def test_keep_float_leaves_the_matching_layers_in_float(tiny_graph):

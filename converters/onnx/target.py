@@ -108,7 +108,7 @@ class OnnxTarget(Target):
     next_step = ("next: python apps/classify/classify.py {output} image.jpg (needs only numpy, pillow and "
                  "onnxruntime)")
     # int8: symmetric Q/DQ on GEMM inputs and outputs (onnxruntime fuses DQ -> op -> Q into QLinear ops)
-    schemes = {"int8": Scheme("qdq-w8a8", "qdq", GEMM_OPS, "symmetric", outputs=True),
+    schemes = {"int8": Scheme("qdq-w8a8", "qdq", GEMM_OPS, "symmetric", outputs=True, bias_grid=True),
                "w8": Scheme("qdq-weight-only-w8", "qdq", ("conv2d", "linear"), None)}
     bench = BenchFacts(precisions=("fp32", "int8"), runtime_name="onnxruntime", runtime_module="onnxruntime",
                        dynamic_batch=True,
