@@ -32,10 +32,10 @@ from torchao.quantization.pt2e import (
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 
+from mf_edge.checkpoint_facts import FORMAT
 from mf_edge.console import step
 from mf_edge.errors import UserError
 from mf_edge.spec import ExportSpec
-from mf_edge.trained import FORMAT
 
 if TYPE_CHECKING:
     from mf_edge.calibration.quantize import QuantizedModel, QuantizeOptions

@@ -14,11 +14,6 @@ from mf_edge.rewrites import rewrite_for_deployment
 from mf_edge.spec import ExportSpec
 
 
-def resolve_precision(target: Target, precision: str | None) -> str:
-    """The requested precision, or the target's default; an unsupported one is a ``UserError``."""
-    return target.check_precision(precision)
-
-
 def make_spec(model: nn.Module | ModelInfo, target: Target, precision: str | None = None,
               image_size: int | None = None, batch_size: int = 1, dynamic_batch: bool = False,
               options: dict | None = None) -> ExportSpec:
@@ -31,7 +26,7 @@ def make_spec(model: nn.Module | ModelInfo, target: Target, precision: str | Non
     info = model if isinstance(model, ModelInfo) else model.mf_edge_info
     image_size = image_size or getattr(model, "mf_edge_image_size", None)
     return ExportSpec.for_model(info, image_size=image_size, batch_size=batch_size,
-                                dynamic_batch=dynamic_batch, precision=resolve_precision(target, precision),
+                                dynamic_batch=dynamic_batch, precision=target.check_precision(precision),
                                 num_classes=getattr(model, "num_classes", None), **(options or {}))
 
 

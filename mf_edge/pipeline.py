@@ -21,9 +21,10 @@ import numpy as np
 from torch import nn
 
 from mf_edge import parity as parity_lib
+from mf_edge.checkpoint_facts import trained_defaults
 from mf_edge.console import note, progress, step
 from mf_edge.converters import ExportResult, Target, get_target
-from mf_edge.converters.prepare import make_spec, prepare_for_target, resolve_precision  # noqa: F401
+from mf_edge.converters.prepare import make_spec, prepare_for_target  # noqa: F401
 from mf_edge.data import ParityInputs, load_image, parity_inputs, preprocess
 from mf_edge.errors import ParityFailure, RuntimeUnavailable, UserError
 from mf_edge.labels import IMAGENET_1K, label_name, labels_for
@@ -39,7 +40,6 @@ from mf_edge.manifest import (
 from mf_edge.models.zoo import get_model_info
 from mf_edge.publish import check_output, partial_file, remove_stale, staged_output
 from mf_edge.spec import ExportSpec
-from mf_edge.trained import trained_defaults
 
 DEFAULT_OUTPUT_ROOT = Path("mf-edge-out")
 QUANTIZED_PRECISIONS = ("int8", "w8")

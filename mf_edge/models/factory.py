@@ -36,13 +36,13 @@ def create_model(
     ``image_size`` only matters for RandFormer, whose frozen mixing matrices are sized by the
     token count (the official checkpoints fix it to 224). A checkpoint written by ``mf-edge train``
     gives the defaults of ``image_size`` (the size it was trained at) and of the class names
-    (``mf_edge.trained``).
+    (``mf_edge.checkpoint_facts``).
 
     The returned model carries ``mf_edge_info`` (its ``ModelInfo``), ``mf_edge_image_size`` (the size
     it was built for) and ``mf_edge_weights`` (``source``, ``path``, ``sha256``, ``layout``, ``seed``,
     and ``trained``, the training checkpoint's facts, with ``classes`` when the head is the trained one).
     """
-    from mf_edge.trained import read_trained_facts, trained_defaults
+    from mf_edge.checkpoint_facts import read_trained_facts, trained_defaults
     from mf_edge.weights import checkpoint_num_classes, load_checkpoint, load_into, sha256_file
 
     info = get_model_info(name)

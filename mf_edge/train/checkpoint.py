@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from mf_edge.calibration.qat import read_qat_section  # noqa: F401  (re-exported)
+from mf_edge.checkpoint_facts import FORMAT
 from mf_edge.console import note
 from mf_edge.errors import UserError
 from mf_edge.paths import not_a_file
 from mf_edge.publish import partial_file
-from mf_edge.trained import FORMAT
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -91,12 +91,3 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path} is not an mf-edge training checkpoint ({FORMAT}); "
                         "to start from plain weights use --weights instead of --resume.")
     return payload
-
-
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not ours to judge: plain weights are validated by mf_edge.weights
-        return None
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        return payload.get("qat")
-    return None

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from mf_edge.checkpoint_facts import trained_defaults
 from mf_edge.console import note
 from mf_edge.errors import UserError
 from mf_edge.models import create_model, get_model_info
@@ -39,7 +40,6 @@ from mf_edge.train.loop import (
 )
 from mf_edge.train.metrics import plot, write_csv
 from mf_edge.train.optim import build_optimizer, build_scheduler
-from mf_edge.trained import trained_defaults
 
 
 @dataclass
