@@ -43,6 +43,25 @@ def test_runtime_names_are_never_cut() -> None:
     assert "executorch" in text and "onnxruntime" in text and "execut…" not in text
 
 
+
+def test_reference_row_keeps_the_numbers_whole_at_160_columns() -> None:
+    """Regression: the reference row's precision "int8 (onnxruntime quantize_static)" widened its column
+    until the numbers were cut ("107…") at 160 columns; on the terminal it shows "int8" and its status
+    note says what it is (CSV and Markdown keep the full label)."""
+    reference = {"runtime": "onnxruntime", "target": "onnx",
+                 "precision": "int8 (onnxruntime quantize_static)",
+                 "status": "reference", "note": "reference, not an mf-edge format", "size_mb": 107.1,
+                 "load_ms": 105.0, "latency": {"median_ms": 17.0, "p90_ms": 17.8, "min_ms": 15.1},
+                 "throughput_ips": 64.5, "peak_rss_mb": 600.0, "rss_before_load_mb": 489.0,
+                 "fidelity": {"cosine": 0.99100, "top1_agreement": 0.9375}}
+    full = {**REPORT, "rows": [*REPORT["rows"], reference]}
+    table, notes = report.table(full)
+    console = Console(width=160, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "…" not in text and "0.99100" in text and notes == ["reference, not an mf-edge format"]
+    assert "| onnxruntime | int8 (onnxruntime quantize_static) |" in report.markdown(full)
+
 def test_published_folder_and_reports_follow_the_umask(tmp_path: Path, umask_022) -> None:
     """Regression: output folders were 0700 and report files 0600 under umask 022."""
     with staged_output(tmp_path / "out") as staging:
