@@ -1,19 +1,51 @@
 """Shared fixtures: the CIFAR-10 JPEGs from ../shared/data (skipped with a reason when absent, a failure
-in CI), and a temporary mf-edge cache for the whole session."""
+in CI), a temporary mf-edge cache for the whole session, and the trained checkpoints the PTQ tests share.
+
+The default run is spread over pytest-xdist workers (``-n auto --dist loadfile`` in pyproject.toml): a
+module's tests and module fixtures stay in one worker, and the costliest modules are handed out first.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # the helper modules beside the tests (ptq_checks)
+
+from ptq_checks import TRAINED_SIZE, link_images  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Modules by their measured cost on 2 cores (docs/testing.md), costliest first. With ``--dist loadfile
+# --no-loadscope-reorder`` xdist hands modules to its workers in collection order, so the long ones
+# start first and the short ones fill the gaps (largest-first scheduling).
+COSTLY_MODULES = (
+    "test_ptq.py", "test_ptq_executorch.py", "test_convert_executorch.py", "test_native_app.py",
+    "test_bench.py", "test_sensitivity.py", "test_coreml_reference.py", "test_train_qat.py",
+    "test_ddp_equivalence.py", "test_convert_coreml.py", "test_convert_onnx.py", "test_flow.py",
+)
+
+
+def torch_threads() -> int:
+    """At most two intra-op threads, the cores shared among pytest-xdist's workers (2 cores, 2 workers:
+    one each; more threads than cores makes eager PyTorch many times slower)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
+torch.set_num_threads(torch_threads())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The costliest modules first (``COSTLY_MODULES``), each module's tests in their own order."""
+    rank = {name: index for index, name in enumerate(COSTLY_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def in_ci() -> bool:
@@ -89,3 +121,56 @@ def cifar10_small(cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory) 
             for image in sorted(class_dir.iterdir())[:count]:
                 (target / image.name).symlink_to(image)
     return out
+
+
+def shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of this run that every xdist worker sees (the session's base temp without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def calib_dir(cifar10_small: Path) -> Path:
+    """The 200 calibration images (20 per class) of the PTQ tests."""
+    return cifar10_small / "train"
+
+
+@pytest.fixture(scope="session")
+def parity_dir(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 labelled CIFAR-10 test images (3 classes x 4)."""
+    return link_images(cifar10_small / "val", tmp_path_factory.mktemp("parity"), slice(0, 4), classes=3)
+
+
+@pytest.fixture(scope="session")
+def trained_weights(cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``weights(name)``: a checkpoint of ``name`` trained 4 epochs on 100 images per class at 32 px with
+    ``mf_edge.train`` (images 20-119 of each class: not the calibration images).
+
+    Trained once per run: a file lock lets the first worker that needs a model train it while the
+    others wait, then read the same checkpoint."""
+    from filelock import FileLock
+
+    from mf_edge.console import set_quiet
+    from mf_edge.train.config import TrainConfig
+    from mf_edge.train.trainer import train
+
+    work = shared_folder(tmp_path_factory) / "trained"
+    work.mkdir(exist_ok=True)
+    data = work / "data"
+    with FileLock(str(work / "data.lock")):
+        if not (work / "data.done").exists():
+            link_images(cifar10_root / "train", data, slice(20, 120))
+            (work / "data.done").touch()
+
+    def weights(name: str) -> Path:
+        done = work / f"{name}.checkpoint"
+        with FileLock(str(work / f"{name}.lock")):
+            if not done.exists():
+                set_quiet(True)
+                config = TrainConfig(model=name, data=data, output=work / name, epochs=4, batch_size=32,
+                                     lr=1e-3, warmup_epochs=0.5, image_size=TRAINED_SIZE, workers=0)
+                done.write_text(str(train(config).last_checkpoint))
+        return Path(done.read_text())
+
+    return weights
+

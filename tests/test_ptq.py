@@ -32,52 +32,9 @@ from mf_edge.converters import get_target
 from mf_edge.errors import UserError
 from mf_edge.pipeline import Conversion, convert, load_model, make_spec, prepare_for_target
 
-SIZE = 64
-TRAINED_SIZE = 32
-CALIB = 32
+from ptq_checks import CALIB, SIZE, TRAINED_SIZE, check_manifest, check_quantized_parity, fp32_bytes
+
 QUANTIZE = torch.ops.quantized_decomposed.quantize_per_tensor.default
-
-
-def link_images(source: Path, out: Path, images: slice, classes: int | None = None) -> Path:
-    """An ImageFolder at ``out`` of the sorted ``images`` slice of ``source``'s first ``classes`` classes."""
-    for class_dir in sorted(source.iterdir())[:classes]:
-        (out / class_dir.name).mkdir(parents=True)
-        for image in sorted(class_dir.iterdir())[images]:
-            (out / class_dir.name / image.name).symlink_to(image.resolve())
-    return out
-
-
-@pytest.fixture(scope="module")
-def calib_dir(cifar10_small: Path) -> Path:
-    return cifar10_small / "train"
-
-
-@pytest.fixture(scope="module")
-def parity_dir(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 labelled CIFAR-10 test images (3 classes x 4)."""
-    return link_images(cifar10_small / "val", tmp_path_factory.mktemp("parity"), slice(0, 4), classes=3)
-
-
-@pytest.fixture(scope="module")
-def trained_weights(cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    """``weights(name)``: a checkpoint of ``name`` trained 4 epochs on 100 images per class at 32 px
-    with ``mf_edge.train`` (images 20-119 of each class: not the calibration images)."""
-    from mf_edge.train.config import TrainConfig
-    from mf_edge.train.trainer import train
-
-    work = tmp_path_factory.mktemp("trained")
-    data = link_images(cifar10_root / "train", work / "data", slice(20, 120))
-    checkpoints: dict[str, Path] = {}
-
-    def weights(name: str) -> Path:
-        if name not in checkpoints:
-            set_quiet(True)
-            config = TrainConfig(model=name, data=data, output=work / name, epochs=4, batch_size=32, lr=1e-3,
-                                 warmup_epochs=0.5, image_size=TRAINED_SIZE, workers=0)
-            checkpoints[name] = train(config).last_checkpoint
-        return checkpoints[name]
-
-    return weights
 
 
 @pytest.fixture(autouse=True)
@@ -86,34 +43,6 @@ def quiet(tmp_path, monkeypatch):
     monkeypatch.setenv("MF_EDGE_CACHE", str(tmp_path / "cache"))
     yield
     set_quiet(False)
-
-
-def fp32_bytes(name: str, weights: str | Path = "random", image_size: int = SIZE) -> int:
-    """The parameter bytes of the fp32 model: the floor of any fp32 artifact's size."""
-    return sum(4 * p.numel() for p in load_model(name, weights, image_size=image_size).parameters())
-
-
-def check_quantized_parity(conversion, precision: str = "int8", min_cosine: float = 0.999) -> None:
-    """The pipeline's thresholds passed, and every image's cosine to the simulation is >= ``min_cosine``."""
-    references = conversion.parity["references"]
-    assert conversion.parity["status"] == "pass"
-    simulated, float_ = references["simulated"]["metrics"], references["float"]["metrics"]
-    assert simulated["cosine"] >= min_cosine, simulated
-    assert simulated["top1_agreement"] >= 0.75
-    if precision == "int8":  # the gap to float is quantization (w8's is below float noise)
-        assert simulated["cosine_mean"] > float_["cosine_mean"]
-
-
-def check_manifest(conversion, scheme: str, artifact_bytes_limit: float | None) -> dict:
-    quantization = conversion.manifest["quantization"]
-    assert quantization["scheme"]["name"] == scheme
-    if quantization["calibration"] is not None:
-        assert quantization["calibration"]["count"] == CALIB
-        assert len(quantization["calibration"]["sha256"]) == 64
-    if artifact_bytes_limit is not None:
-        size = conversion.manifest["files"][conversion.manifest["artifact"]]["bytes"]
-        assert size <= artifact_bytes_limit, f"{size} > {artifact_bytes_limit}"
-    return quantization
 
 
 @pytest.mark.parametrize("name", ["convformer_s18", "caformer_s18"])
@@ -242,28 +171,6 @@ def test_tensorrt_int8_is_a_qdq_onnx_checked_in_onnxruntime(trained_weights, cal
     check_quantized_parity(Conversion(result.output, result.manifest, onnx_parity))
     graph = onnx.load(str(result.output / "model.onnx")).graph
     assert collections.Counter(node.op_type for node in graph.node)["QuantizeLinear"] > 50
-
-
-@pytest.mark.parametrize(("name", "precision"), [("convformer_s18", "int8"), ("caformer_s18", "int8"),
-                                                 ("identityformer_s12", "w8")])
-def test_executorch_quantized_is_delegated_to_xnnpack(name, precision, trained_weights, calib_dir, parity_dir,
-                                                      tmp_path):
-    int8 = precision == "int8"
-    weights, size = (trained_weights(name), TRAINED_SIZE) if int8 else ("random", SIZE)
-    ptq = {"calib_data": calib_dir, "calib_size": CALIB} if int8 else {}
-    result = convert(name, "executorch", precision, weights=weights, image_size=size,
-                     images=parity_dir, output=tmp_path / "out", ptq_options=ptq)
-    check_quantized_parity(result, precision)
-    # int8: every conv and linear int8 but depthwise; w8 (dynamic int8 linears): the convolutions stay fp32
-    limit = 0.30 if int8 else 0.40
-    scheme = "xnnpack-w8a8" if int8 else "xnnpack-dynamic-w8"
-    check_manifest(result, scheme, limit * fp32_bytes(name, weights, size))
-    # The README's promise: the whole int8/w8 graph, quantize/dequantize included, is one XNNPACK
-    # delegate (measured: ConvFormer int8 933 ops, CAFormer int8 1525, IdentityFormer w8 544, none
-    # outside). The old bar, coverage > 0.95, let 46 of ConvFormer's ops fall back to portable kernels.
-    delegation = result.manifest["details"]["delegation"]
-    assert delegation["non_delegated"] == {} and delegation["non_delegated_ops"] == 0, delegation
-    assert delegation["coverage"] == 1.0 and delegation["delegated_subgraphs"] == 1, delegation
 
 
 def _coreml_ops(package: Path) -> collections.Counter:
