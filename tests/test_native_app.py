@@ -1,7 +1,8 @@
 """``apps/executorch_cpp``: the native app, built from a clean tree with CMake against the executorch wheel,
 gives the Python ExecuTorch runtime's logits and the Python eval transform's input tensor.
 
-One build per session (about a minute on 2 cores) and two small ConvFormer programs at 32 px: fp32 with a
+One build per session (about a minute on 2 cores) and two programs of the zoo's smallest graph
+(IdentityFormer-S12, the cheapest to lower: the app is the same for every model) at 32 px: fp32 with a
 dynamic batch, int8 with a static batch of 2. Skips only where no C++ compiler or CMake exists.
 """
 
@@ -25,6 +26,7 @@ from mf_edge.manifest import read_manifest, spec_from_manifest
 from mf_edge.spec import Preprocessing
 
 APP_SOURCE = Path(__file__).resolve().parents[1] / "apps" / "executorch_cpp"
+MODEL = "identityformer_s12"
 SIZE = 32
 CALIB = 16
 
@@ -55,12 +57,12 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory, cifar10_small: Path) -> dict[str, Path]:
-    """Two converted ConvFormer folders: ``fp32`` (dynamic batch) and ``int8`` (static batch 2)."""
+    """Two converted folders: ``fp32`` (dynamic batch) and ``int8`` (static batch 2)."""
     set_quiet(True)
     out = tmp_path_factory.mktemp("native")
-    fp32 = convert("convformer_s18", "executorch", weights="random", image_size=SIZE, dynamic_batch=True,
+    fp32 = convert(MODEL, "executorch", weights="random", image_size=SIZE, dynamic_batch=True,
                    output=out / "fp32")
-    int8 = convert("convformer_s18", "executorch", "int8", weights="random", image_size=SIZE, batch_size=2,
+    int8 = convert(MODEL, "executorch", "int8", weights="random", image_size=SIZE, batch_size=2,
                    output=out / "int8",
                    ptq_options={"calib_data": cifar10_small / "train", "calib_size": CALIB})
     return {"fp32": fp32.output, "int8": int8.output}
