@@ -362,8 +362,11 @@ def test_ctrl_c_during_start_up_is_quiet(module: str, tmp_path: Path) -> None:
 
     command = ["convert", "identityformer_s12", "--target", "onnx", "--weights", "random",
                "--image-size", "32", "-o", str(tmp_path / "out")]
+    # SIGINT as in a terminal: a job started in the background by a shell without job control (some
+    # CI launchers) inherits SIGINT ignored, and Python then never sees the signal
     process = subprocess.Popen([sys.executable, "-c", SLOW_IMPORT.format(module=module), *command],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = process.stderr.readline()
     assert first.strip() == f"importing {module}", first + process.stderr.read()
     process.send_signal(signal.SIGINT)
