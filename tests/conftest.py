@@ -87,6 +87,18 @@ def _console_not_quiet():
 
 
 @pytest.fixture
+def quiet_with_own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Notes off and an mf-edge cache of the test's own (the PTQ modules: no calibration cache carried
+    from one test to the next)."""
+    from mf_edge.console import set_quiet
+
+    set_quiet(True)
+    monkeypatch.setenv("MF_EDGE_CACHE", str(tmp_path / "cache"))
+    yield
+    set_quiet(False)
+
+
+@pytest.fixture
 def one_torch_thread():
     """One PyTorch thread for the test: small models gain nothing from intra-op threads, and on a
     shared 2-core machine two threads make eager PyTorch many times slower."""

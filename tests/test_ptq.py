@@ -27,7 +27,6 @@ import mf_edge.cli.calibrate  # noqa: F401  (registers the command on the app)
 from mf_edge.calibration import quantize as quantize_module
 from mf_edge.calibration import quantize_for_export
 from mf_edge.cli import app, main
-from mf_edge.console import set_quiet
 from mf_edge.converters import get_target
 from mf_edge.errors import UserError
 from mf_edge.pipeline import Conversion, convert, load_model, make_spec, prepare_for_target
@@ -37,12 +36,7 @@ from ptq_checks import CALIB, SIZE, TRAINED_SIZE, check_manifest, check_quantize
 QUANTIZE = torch.ops.quantized_decomposed.quantize_per_tensor.default
 
 
-@pytest.fixture(autouse=True)
-def quiet(tmp_path, monkeypatch):
-    set_quiet(True)
-    monkeypatch.setenv("MF_EDGE_CACHE", str(tmp_path / "cache"))
-    yield
-    set_quiet(False)
+pytestmark = pytest.mark.usefixtures("quiet_with_own_cache")
 
 
 @pytest.mark.parametrize("name", ["convformer_s18", "caformer_s18"])

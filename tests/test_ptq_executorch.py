@@ -8,18 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from mf_edge.console import set_quiet
 from mf_edge.pipeline import convert
 
 from ptq_checks import CALIB, SIZE, TRAINED_SIZE, check_manifest, check_quantized_parity, fp32_bytes
 
-
-@pytest.fixture(autouse=True)
-def quiet(tmp_path, monkeypatch):
-    set_quiet(True)
-    monkeypatch.setenv("MF_EDGE_CACHE", str(tmp_path / "cache"))
-    yield
-    set_quiet(False)
+pytestmark = pytest.mark.usefixtures("quiet_with_own_cache")
 
 
 @pytest.mark.parametrize(("name", "precision"), [("convformer_s18", "int8"), ("caformer_s18", "int8"),
