@@ -113,13 +113,17 @@ def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``.../cifar10`` with ``train/`` and ``test/`` ImageFolder trees, extracted once per session."""
     require_data(CIFAR_TARBALL, f"CIFAR-10 data not found at {CIFAR_TARBALL} "
                  "(../shared is only beside dev and CI clones)")
+    from filelock import FileLock
+
     cache = Path(os.environ.get("MF_EDGE_TEST_DATA", tmp_path_factory.getbasetemp() / "data"))
-    root = cache / "cifar10"
-    if not (root / "test").is_dir():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(CIFAR_TARBALL) as tar:
-            tar.extractall(cache, filter="data")
-    return root
+    cache.mkdir(parents=True, exist_ok=True)
+    done = cache / "cifar10.extracted"  # written last: a folder from an interrupted extraction is redone
+    with FileLock(str(cache / "cifar10.lock")):  # MF_EDGE_TEST_DATA is shared by the xdist workers
+        if not done.exists():
+            with tarfile.open(CIFAR_TARBALL) as tar:
+                tar.extractall(cache, filter="data")
+            done.touch()
+    return cache / "cifar10"
 
 
 @pytest.fixture(scope="session")
