@@ -11,10 +11,11 @@ __version__ = "0.1.0"
 # imported on first use: PyTorch and the exporters load only when a model is built or converted
 _LAZY = {"convert": "mf_edge.pipeline", "count_macs": "mf_edge.models",
          "count_params": "mf_edge.models", "create_model": "mf_edge.models",
-         "get_model_info": "mf_edge.models", "list_models": "mf_edge.models"}
+         "get_model_info": "mf_edge.models", "list_models": "mf_edge.models",
+         "register_model": "mf_edge.models"}
 
 __all__ = ["UserError", "__version__", "convert", "count_macs", "count_params", "create_model",
-           "get_model_info", "list_models"]
+           "get_model_info", "list_models", "register_model"]
 
 
 def __getattr__(name: str):

@@ -10,6 +10,8 @@ from mf_edge import UserError, count_macs, count_params, create_model, get_model
 from mf_edge.models import MetaFormer
 from mf_edge.models.factory import model_stats
 
+from small_models import zoo_models
+
 SMALLEST = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
 # Parameters (millions) from the sail-sg/metaformer README: (trainable, frozen random matrices); the
 # README rounds ConvFormer/CAFormer to whole millions (ints here) and the others to 0.1 M.
@@ -33,10 +35,10 @@ def _assert_official_params(name: str, params: int, frozen_params: int) -> None:
 
 
 def test_registry_holds_every_official_checkpoint() -> None:
-    names = list_models()
+    names = zoo_models()
     assert len(names) == 55
     for family in ("identityformer", "randformer", "poolformerv2"):
-        assert list_models(f"{family}_*") == [f"{family}_{s}" for s in ("m36", "m48", "s12", "s24", "s36")]
+        assert zoo_models(f"{family}_*") == [f"{family}_{s}" for s in ("m36", "m48", "s12", "s24", "s36")]
     for family in ("convformer", "caformer"):
         for size in ("s18", "s36", "m36", "b36"):
             assert list_models(f"{family}_{size}*") == sorted(
@@ -108,7 +110,7 @@ def test_smallest_of_each_family_matches_the_official_table(name: str) -> None:
 @pytest.mark.slow
 def test_every_architecture_matches_the_official_table() -> None:
     """All ImageNet-1k models at 224 and 384: README parameters, counted MACs within 5% of the table."""
-    for name in list_models():
+    for name in zoo_models():
         info = get_model_info(name)
         if info.num_classes != 1000:
             continue
@@ -127,3 +129,22 @@ def test_every_registered_model_builds_and_runs() -> None:
             out = model(torch.randn(1, 3, info.image_size, info.image_size))
         assert out.shape == (1, info.num_classes), name
         assert torch.isfinite(out).all(), name
+
+
+def test_registered_model_round_trips_and_refuses_a_silent_replace() -> None:
+    """Catches ``register_model`` overwriting a zoo entry without ``replace``, and a ``to_dict`` ->
+    JSON -> ``from_dict`` trip (how bench workers learn a registered model) that loses the config's
+    tuples (checked against ``from_dict`` without the tuple conversion: the config compared unequal)."""
+    import dataclasses
+    import json
+
+    from mf_edge.models import ModelInfo, register_model
+
+    info = get_model_info("convformer_d1")  # registered by conftest (tests/small_models.py)
+    assert info.config.depths == (1, 1, 1, 1)
+    assert ModelInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(dataclasses.replace(info, name="convformer_s18"))
+    assert get_model_info("convformer_s18").config.depths == (3, 3, 9, 3)
+    model = create_model("convformer_d1", image_size=64)
+    assert count_params(model) < count_params(create_model("convformer_s18", image_size=64)) / 2

@@ -186,6 +186,10 @@ def measure(job: dict) -> dict:
 
     images = np.load(job["images"])
     target = job.get("target")
+    if job.get("model_info"):  # the model as the runner knew it, register_model'ed ones included
+        from mf_edge.models import ModelInfo, register_model
+
+        register_model(ModelInfo.from_dict(job["model_info"]), replace=True)
     if job.get("target_file"):  # a target added with register_target, defined outside mf-edge
         load_target_file(job["target_file"])
     if target:

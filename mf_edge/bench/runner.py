@@ -31,6 +31,7 @@ from mf_edge.bench.measure import PYTORCH, latency_stats
 from mf_edge.console import note, step
 from mf_edge.converters import get_target
 from mf_edge.errors import UserError
+from mf_edge.models.zoo import get_model_info
 from mf_edge.pipeline import QUANTIZED_PRECISIONS, default_output, make_spec, prepare_for_target
 
 # Benchmarked when --targets is not given (each target's own ``bench`` facts say the rest: the
@@ -288,6 +289,7 @@ def run_worker(job: dict, workdir: Path, tag: str) -> dict:
 def base_job(config: BenchConfig, image_size: int, threads: int, images_path: Path) -> dict:
     return {"threads": threads, "runs": config.runs, "warmup": config.warmup, "batch": config.batch,
             "images": str(images_path), "image_size": image_size, "model": config.model,
+            "model_info": get_model_info(config.model).to_dict(),  # a register_model'ed one too
             "weights": config.weights, "seed": config.seed}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from mf_edge.models.config import MetaFormerConfig
-from mf_edge.models.zoo import REGISTRY, ModelInfo, get_model_info, list_models
+from mf_edge.models.zoo import REGISTRY, ModelInfo, get_model_info, list_models, register_model
 
 _LAZY = {"MetaFormer": "metaformer", "ModelStats": "stats", "count_macs": "factory",
          "count_params": "factory", "create_model": "factory", "model_stats": "factory"}
@@ -26,6 +26,7 @@ __all__ = [
     "get_model_info",
     "list_models",
     "model_stats",
+    "register_model",
 ]
 
 

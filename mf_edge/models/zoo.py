@@ -7,6 +7,7 @@ weights are published (the official ``.pth`` and timm's safetensors on the Huggi
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 from dataclasses import dataclass, field
@@ -69,6 +70,18 @@ class ModelInfo:
     hub_file: str = ""
     timm_hub_id: str | None = None
     extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain JSON data: what another process needs to register this model (``from_dict``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelInfo:
+        """The ``ModelInfo`` that ``to_dict`` (through JSON: lists for tuples) described."""
+        def tuples(fields: dict) -> dict:
+            return {key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()}
+
+        return cls(**{**tuples(data), "config": MetaFormerConfig(**tuples(data["config"]))})
 
     @property
     def hub_repo(self) -> str:
@@ -135,6 +148,19 @@ def _build_registry() -> dict[str, ModelInfo]:
 
 
 REGISTRY: dict[str, ModelInfo] = _build_registry()
+
+
+def register_model(info: ModelInfo, *, replace: bool = False) -> ModelInfo:
+    """Add ``info`` to the registry, so that every command and API takes ``info.name`` like a zoo model.
+
+    For an architecture of your own (``dataclasses.replace`` of a zoo entry with another ``config``,
+    as the tests' one-block-per-stage variants are) or a fine-tuned head. An existing name is refused
+    unless ``replace``. The registry is per process: register in each process that uses the name.
+    """
+    if info.name in REGISTRY and not replace:
+        raise ValueError(f"model {info.name!r} is already registered; pass replace=True to replace it")
+    REGISTRY[info.name] = info
+    return info
 
 
 def list_models(pattern: str | None = None) -> list[str]:
