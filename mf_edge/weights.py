@@ -40,7 +40,7 @@ def cache_dir() -> Path:
 
 def hub_sources(info: ModelInfo) -> list[tuple[str, str]]:
     """``(repo_id, filename)`` of ``info``'s ImageNet weights: the official file, then timm's copy."""
-    sources = [(info.hub_repo, info.hub_file)]
+    sources = [(info.hub_repo, info.hub_file)] if info.hub_file else []
     if info.timm_hub_id:
         sources.append((f"timm/{info.timm_hub_id}", "model.safetensors"))
     return sources
@@ -56,6 +56,9 @@ def download_official(info: ModelInfo) -> Path:
     from huggingface_hub import hf_hub_download
 
     sources = hub_sources(info)
+    if not sources:
+        raise UserError(f"{info.name} has no published ImageNet weights (a registered model): "
+                        "pass --weights PATH or --weights random")
     for repo_id, filename in sources:  # a cached copy needs no network at all
         try:
             return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir(), local_files_only=True))

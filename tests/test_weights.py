@@ -119,6 +119,14 @@ def test_imagenet_weights_fall_back_to_timm_safetensors(local_hub, source_model,
     assert torch.equal(logits(model, batch), logits(source_model, batch))
 
 
+def test_registered_model_without_published_weights_asks_for_a_path(local_hub):
+    """Caught: a register_model'ed architecture (no hub file, no timm id) sent HEAD requests for
+    ``sail/dl/resolve/main/`` (the repo root) and retried 5 times before failing."""
+    with pytest.raises(UserError, match="convformer_d1 has no published ImageNet weights.*--weights PATH"):
+        create_model("convformer_d1", weights="imagenet")  # tests/small_models.py
+    assert local_hub.requests == []
+
+
 def test_offline_with_empty_cache_fails_in_one_line(tmp_path):
     """HF_HUB_OFFLINE=1 and nothing cached: one line naming --weights PATH and --weights random."""
     script = ("from mf_edge import UserError, create_model\n"

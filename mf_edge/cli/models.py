@@ -80,7 +80,7 @@ def describe(info: ModelInfo, stats: ModelStats) -> list[tuple[str, str]]:
         ("params", f"{stats.params:,} ({_millions(stats)} M"
                    + (", frozen random matrices" if stats.frozen_params else "") + ")"),
         ("MACs", macs),
-        ("official weights", info.official_url),
+        ("official weights", info.official_url if info.hub_file else "- (none published)"),
         ("timm hub id", f"timm/{info.timm_hub_id}" if info.timm_hub_id else "- (not in timm)"),
         ("license", WEIGHTS_LICENSE),
     ]
