@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
 from mf_edge.pipeline import load_model
 
 SIZE = 64
@@ -26,6 +28,17 @@ def link_images(source: Path, out: Path, images: slice, classes: int | None = No
 def fp32_bytes(name: str, weights: str | Path = "random", image_size: int = SIZE) -> int:
     """The parameter bytes of the fp32 model: the floor of any fp32 artifact's size."""
     return sum(4 * p.numel() for p in load_model(name, weights, image_size=image_size).parameters())
+
+
+def int8_weight_bytes(name: str, weights: str | Path = "random", image_size: int = SIZE,
+                      convolutions: bool = True) -> int:
+    """The parameter bytes with every linear weight (and dense convolution's, if ``convolutions``) at one
+    byte and the rest fp32: what a program that quantizes those weights must come close to."""
+    model = load_model(name, weights, image_size=image_size)
+    kinds = (nn.Linear, nn.Conv2d) if convolutions else (nn.Linear,)
+    int8 = sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, kinds) and getattr(m, "groups", 1) == 1)
+    return sum(4 * p.numel() for p in model.parameters()) - 3 * int8
 
 
 def check_quantized_parity(conversion, precision: str = "int8", min_cosine: float = 0.999) -> None:

@@ -21,6 +21,7 @@ from mf_edge.converters.onnx.reference import REFERENCE_PRECISION
 from mf_edge.errors import UserError
 
 SIZE, IMAGES, BATCH, RUNS = 32, 8, 2, 4
+MODEL = "identityformer_d1"  # one block per stage (small_models): the cheapest graph to convert
 MEASURED = {("pytorch", "fp32"), ("executorch", "fp32"), ("onnxruntime", "fp32")}
 TIMING_FIELDS = ("load_ms", "latency", "throughput_ips", "throughput_batch", "peak_rss_mb",
                  "peak_rss_batch_mb", "rss_before_load_mb", "threads", "fidelity", "accuracy", "size_mb")
@@ -28,14 +29,14 @@ TIMING_FIELDS = ("load_ms", "latency", "throughput_ips", "throughput_batch", "pe
 
 def run_bench(tmp: Path, images: Path, targets: str, precisions: str | None,
               size: int = SIZE) -> tuple[dict, Path]:
-    """``mf-edge bench`` of a 10-class identityformer_s12 (a saved checkpoint: CIFAR labels give accuracy)."""
+    """``mf-edge bench`` of a 10-class ``MODEL`` (a saved checkpoint: CIFAR labels give accuracy)."""
     from mf_edge import create_model
 
-    checkpoint = tmp / "identityformer_s12-cifar10-random.pth"
-    torch.save(create_model("identityformer_s12", num_classes=10).state_dict(), checkpoint)
+    checkpoint = tmp / f"{MODEL}-cifar10-random.pth"
+    torch.save(create_model(MODEL, num_classes=10).state_dict(), checkpoint)
     out = tmp / "report.json"
     with pytest.raises(SystemExit) as done:
-        main(["bench", "identityformer_s12", "--weights", str(checkpoint), "--image-size", str(size),
+        main(["bench", MODEL, "--weights", str(checkpoint), "--image-size", str(size),
               "--images", str(images), "--num-images", str(IMAGES), "--runs", str(RUNS), "--warmup", "1",
               "--threads", "1", "--batch", str(BATCH), "--artifacts", str(tmp / "artifacts"),
               "--targets", targets, *(["--precisions", precisions] if precisions else []), "--out", str(out),
@@ -117,7 +118,7 @@ def test_onnx_int8_has_the_onnxruntime_quantize_static_row(cifar10_small: Path, 
     assert "not an mf-edge format" in reference["note"]
     assert reference["latency"]["runs"] == RUNS and reference["threads"] == {"torch": 1, "onnxruntime": 1}
     assert 0.9 < reference["fidelity"]["cosine"] < 0.999999 and reference["fidelity"]["samples"] == IMAGES
-    fp32_onnx = tmp_path / "artifacts" / f"identityformer_s12-{SIZE}-onnx-fp32" / "model.onnx"
+    fp32_onnx = tmp_path / "artifacts" / f"{MODEL}-{SIZE}-onnx-fp32" / "model.onnx"
     assert fp32_onnx.is_file() and reference["size_mb"] < fp32_onnx.stat().st_size / 1e6 / 2
     ops = {node.op_type for node in onnx.load(reference["artifact"]).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -147,11 +148,11 @@ def test_published_artifacts_are_reused(bench_run, tmp_path: Path) -> None:
     from mf_edge import create_model
 
     report, _, artifacts = bench_run
-    folder = artifacts / f"identityformer_s12-{SIZE}-executorch-fp32"
-    model = create_model("identityformer_s12", weights=report["weights"]["path"], image_size=SIZE)
+    folder = artifacts / f"{MODEL}-{SIZE}-executorch-fp32"
+    model = create_model(MODEL, weights=report["weights"]["path"], image_size=SIZE)
     assert reusable(folder, model, SIZE, "executorch", "fp32", dynamic=True)
     assert not reusable(folder, model, SIZE + 32, "executorch", "fp32", dynamic=True)
-    other_weights = create_model("identityformer_s12", image_size=SIZE)
+    other_weights = create_model(MODEL, image_size=SIZE)
     assert not reusable(folder, other_weights, SIZE, "executorch", "fp32", dynamic=True)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["rewrites"]["split_depthwise"] == 0
@@ -168,8 +169,8 @@ def test_quantized_artifacts_are_reused_only_with_same_calibration_and_scheme(be
     from mf_edge.calibration.schemes import scheme_for
 
     report, _, artifacts = bench_run
-    model = create_model("identityformer_s12", weights=report["weights"]["path"], image_size=SIZE)
-    published = artifacts / f"identityformer_s12-{SIZE}-executorch-fp32"
+    model = create_model(MODEL, weights=report["weights"]["path"], image_size=SIZE)
+    published = artifacts / f"{MODEL}-{SIZE}-executorch-fp32"
     manifest = json.loads((published / "manifest.json").read_text())
     manifest["spec"]["precision"] = "int8"
     scheme = json.loads(json.dumps(scheme_for("executorch", "int8").describe()))
@@ -186,18 +187,18 @@ def test_quantized_artifacts_are_reused_only_with_same_calibration_and_scheme(be
 def test_plan_and_config_errors() -> None:
     from mf_edge.converters import get_target
 
-    config = BenchConfig("identityformer_s12", targets=("executorch", "onnx:int8", "tensorrt"),
+    config = BenchConfig(MODEL, targets=("executorch", "onnx:int8", "tensorrt"),
                          precisions=("w8",))
     expected = [("executorch", "w8"), ("onnx", "int8")]
     if "w8" in get_target("tensorrt").precisions:
         expected.append(("tensorrt", "w8"))
     assert plan(config) == expected
     with pytest.raises(UserError, match="supports"):
-        plan(BenchConfig("identityformer_s12", targets=("coreml:int4",)))
+        plan(BenchConfig(MODEL, targets=("coreml:int4",)))
     with pytest.raises(UserError, match="unknown target"):
-        BenchConfig("identityformer_s12", targets=("tflite",)).check()
+        BenchConfig(MODEL, targets=("tflite",)).check()
     with pytest.raises(UserError, match="--runs"):
-        BenchConfig("identityformer_s12", runs=0).check()
+        BenchConfig(MODEL, runs=0).check()
 
 
 def test_balanced_images_and_stats(cifar10_small: Path) -> None:
@@ -206,7 +207,7 @@ def test_balanced_images_and_stats(cifar10_small: Path) -> None:
     from mf_edge.models import get_model_info
     from mf_edge.spec import ExportSpec
 
-    spec = ExportSpec.for_model(get_model_info("identityformer_s12"), image_size=SIZE)
+    spec = ExportSpec.for_model(get_model_info(MODEL), image_size=SIZE)
     images = bench_images(spec, cifar10_small / "val", 20)
     assert images.batch.shape == (20, 3, SIZE, SIZE) and sorted(np.bincount(images.labels)) == [2] * 10
     stats = latency_stats([3.0, 1.0, 2.0, 10.0])

@@ -32,8 +32,10 @@ from mf_edge.errors import RuntimeUnavailable, UserError
 from mf_edge.models.zoo import WEIGHTS_LICENSE, get_model_info
 from mf_edge.spec import ExportSpec
 
+from small_models import ONE_BLOCK
+
 SIZE = 64
-FAMILIES = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
+FAMILIES = tuple(ONE_BLOCK)  # identityformer_d1 ... caformer_d1 (tests/small_models.py)
 
 
 def convert(name: str, out_dir: Path, precision: str = "fp16", size: int = SIZE, **options
@@ -204,9 +206,9 @@ def pixel_batch(spec: ExportSpec, count: int = 2, seed: int = 0) -> torch.Tensor
 def test_runtime_without_reference_executor_says_why(fp16_packages: dict[str, Path],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "mf_edge.coreml_reference", None)  # an install without the executor
-    spec = ExportSpec.for_model(get_model_info("identityformer_s12"), image_size=SIZE, precision="fp16")
+    spec = ExportSpec.for_model(get_model_info("identityformer_d1"), image_size=SIZE, precision="fp16")
     with pytest.raises(RuntimeUnavailable, match="needs macOS"):
-        get_target("coreml").runtime(fp16_packages["identityformer_s12"].parent, spec)
+        get_target("coreml").runtime(fp16_packages["identityformer_d1"].parent, spec)
 
 
 def check_reference_parity(package: Path, spec: ExportSpec) -> None:
@@ -224,7 +226,7 @@ def check_reference_parity(package: Path, spec: ExportSpec) -> None:
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
 
 
-@pytest.mark.parametrize("name", ["identityformer_s12", "caformer_s18"])
+@pytest.mark.parametrize("name", ["identityformer_d1", "caformer_d1"])
 def test_reference_parity(fp16_packages: dict[str, Path], name: str) -> None:
     check_reference_parity(fp16_packages[name], ExportSpec.for_model(get_model_info(name), image_size=SIZE,
                                                                      precision="fp16"))
@@ -251,6 +253,15 @@ def test_full_size_fp16_conversion(tmp_path: Path, name: str) -> None:
     assert (desc.input[0].type.imageType.width, desc.input[0].type.imageType.height) == (224, 224)
     assert list(desc.output[0].type.multiArrayType.shape) == [1, 1000]
     check_reference_parity(package, spec)  # the executor is part of mf-edge: never skipped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", tuple(ONE_BLOCK.values()))
+def test_zoo_size_of_each_family_converts(name: str, tmp_path: Path) -> None:
+    """The zoo sizes the default run's one-block variants stand for (S12, S18) at 64 px."""
+    package, spec = convert(name, tmp_path)
+    assert tensor_dtypes(ct.utils.load_spec(str(package)))["FLOAT16"] > 100
+    check_reference_parity(package, spec)
 
 
 def test_missing_package_is_a_user_error(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """ExecuTorch target: every family lowers entirely to XNNPACK and the ``.pte`` computes what the float
-model computes, run in the ExecuTorch runtime (64 px, random weights, one conversion per family)."""
+model computes, run in the ExecuTorch runtime (64 px, random weights, one conversion per family: its
+one-block-per-stage variant, ``small_models``; the zoo sizes under ``-m slow``)."""
 
 from __future__ import annotations
 
@@ -17,16 +18,18 @@ import pytest
 import torch
 
 from mf_edge import convert
-from mf_edge.console import set_quiet
 from mf_edge.converters import get_target
 from mf_edge.converters.executorch.xnnpack_rewrites import rewrite_for_xnnpack
 from mf_edge.parity import compare, reference_logits
 from mf_edge.pipeline import Conversion, load_published, rebuild_float_model
 
+import small_models
+from small_models import ONE_BLOCK
+
 SIZE = 64
-FAMILIES = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
+FAMILIES = tuple(ONE_BLOCK)  # identityformer_d1 ... caformer_d1
 # Options ride along with the family conversions, so each path is covered without extra lowering.
-OPTIONS = {"identityformer_s12": {"dynamic_batch": True}, "poolformerv2_s12": {"batch_size": 2}}
+OPTIONS = {"identityformer_d1": {"dynamic_batch": True}, "poolformerv2_d1": {"batch_size": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,8 @@ def conversions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Conversio
     """Every family converted once, two at a time in spawned processes (lowering is single-threaded)."""
     root = tmp_path_factory.mktemp("executorch")
     workers = min(2, os.cpu_count() or 1)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=set_quiet,
-                             initargs=(True,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=small_models.register, initargs=(True,)) as pool:
         futures = {name: pool.submit(convert, name, "executorch", weights="random", image_size=SIZE,
                                      output=root / name, **OPTIONS.get(name, {}))
                    for name in reversed(FAMILIES)}  # the largest graphs first
@@ -84,16 +87,16 @@ def xnnpack_events(pte: Path, tmp_path: Path) -> list[str]:
 
 
 def test_convformer_runs_without_layout_changes(conversions: dict[str, Conversion], tmp_path: Path) -> None:
-    """Channels-first stages: no transposes inside the network (channels-last: 4 per block, over 72).
+    """Channels-first stages: no transposes inside the network (channels-last: 4 per block, 16 here).
 
     The three left: the input image to NHWC, the stem norm's 4-D weight (a constant operand of a
     multiply is converted at each run) and the pooled ``[1, C, 1, 1]`` features before the head.
     """
-    result = conversions["convformer_s18"]
+    result = conversions["convformer_d1"]
     assert result.manifest["rewrites"]["channels_first_stages"] == 4
     events = xnnpack_events(result.artifact, tmp_path)
-    assert events.count("Convolution (NHWC, F32) DWConv") == 3 * 18  # the split 7x7 of every block
-    assert events.count("Transpose (ND, X32)") == 3 and len(events) > 400
+    assert events.count("Convolution (NHWC, F32) DWConv") == 3 * 4  # the split 7x7 of every block
+    assert events.count("Transpose (ND, X32)") == 3 and len(events) > 100
 
 
 def test_artifact_matches_rebuilt_float_model_on_new_inputs(converted, float_models) -> None:
@@ -139,7 +142,7 @@ def test_classify_demo_runs_the_pte(conversions: dict[str, Conversion], tmp_path
     from mf_edge.data import sample_images
     from mf_edge.pipeline import predict
 
-    folder = conversions["poolformerv2_s12"].output
+    folder = conversions["poolformerv2_d1"].output
     photos = []
     for name, image in sample_images():
         photos.append(tmp_path / name.removeprefix("sklearn:"))
@@ -188,3 +191,14 @@ def test_full_size_conversion(name: str, tmp_path: Path) -> None:
     assert result.parity["status"] == "pass"
     assert metrics["cosine"] >= 0.9999 and metrics["top1_agreement"] == 1.0
     assert result.manifest["details"]["delegation"]["coverage"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", tuple(ONE_BLOCK.values()))
+def test_zoo_size_of_each_family_converts(name: str, tmp_path: Path) -> None:
+    """The zoo sizes the default run's one-block variants stand for (S12, S18) at 64 px."""
+    result = convert(name, "executorch", weights="random", image_size=SIZE, output=tmp_path / name)
+    metrics = result.parity["references"]["float"]["metrics"]
+    assert result.parity["status"] == "pass" and metrics["cosine"] >= 0.9999
+    delegation = result.manifest["details"]["delegation"]
+    assert delegation["coverage"] == 1.0 and delegation["delegated_subgraphs"] == 1

@@ -16,10 +16,12 @@ from mf_edge.converters.onnx.target import OPSET
 from mf_edge.parity import compare, reference_logits
 from mf_edge.pipeline import load_published, rebuild_float_model
 
+from small_models import ONE_BLOCK
+
 SIZE = 64
-FAMILIES = ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
-OPTIONS = {"identityformer_s12": {"dynamic_batch": True}, "caformer_s18": {"dynamic_batch": True},
-           "poolformerv2_s12": {"batch_size": 3}}
+FAMILIES = tuple(ONE_BLOCK)  # identityformer_d1 ... caformer_d1 (tests/small_models.py)
+OPTIONS = {"identityformer_d1": {"dynamic_batch": True}, "caformer_d1": {"dynamic_batch": True},
+           "poolformerv2_d1": {"batch_size": 3}}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -69,7 +71,7 @@ def test_artifact_matches_rebuilt_float_model_on_new_inputs(converted) -> None:
 
 
 def test_fp16_conversion(tmp_path: Path) -> None:
-    result = convert("convformer_s18", "onnx", precision="fp16", weights="random", image_size=SIZE,
+    result = convert("convformer_d1", "onnx", precision="fp16", weights="random", image_size=SIZE,
                      output=tmp_path / "fp16")
     metrics = result.parity["references"]["float"]["metrics"]
     assert result.parity["status"] == "pass" and metrics["cosine"] >= 0.999
@@ -89,3 +91,13 @@ def test_full_size_conversion(name: str, tmp_path: Path) -> None:
     metrics = result.parity["references"]["float"]["metrics"]
     assert result.manifest["spec"]["image_size"] == 224 and result.parity["status"] == "pass"
     assert metrics["cosine"] >= 0.9999 and metrics["top1_agreement"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", tuple(ONE_BLOCK.values()))
+def test_zoo_size_of_each_family_converts(name: str, tmp_path: Path) -> None:
+    """The zoo sizes the default run's one-block variants stand for (S12, S18) at 64 px."""
+    result = convert(name, "onnx", weights="random", image_size=SIZE, output=tmp_path / name)
+    metrics = result.parity["references"]["float"]["metrics"]
+    assert result.parity["status"] == "pass" and metrics["cosine"] >= 0.9999
+    assert metrics["top1_agreement"] == 1.0 and metrics["max_abs_error"] < 1e-3

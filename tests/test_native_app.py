@@ -1,9 +1,10 @@
 """``apps/executorch_cpp``: the native app, built from a clean tree with CMake against the executorch wheel,
 gives the Python ExecuTorch runtime's logits and the Python eval transform's input tensor.
 
-One build per session (about a minute on 2 cores) and two programs of the zoo's smallest graph
-(IdentityFormer-S12, the cheapest to lower: the app is the same for every model) at 32 px: fp32 with a
-dynamic batch, int8 with a static batch of 2. Skips only where no C++ compiler or CMake exists.
+One build per session (about a minute on 2 cores) and two programs of the cheapest graph to lower,
+IdentityFormer with one block per stage (``small_models``; the app is the same for every model), at
+32 px: fp32 with a dynamic batch, int8 with a static batch of 2. Skips only where no C++ compiler or
+CMake exists.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mf_edge.manifest import read_manifest, spec_from_manifest
 from mf_edge.spec import Preprocessing
 
 APP_SOURCE = Path(__file__).resolve().parents[1] / "apps" / "executorch_cpp"
-MODEL = "identityformer_s12"
+MODEL = "identityformer_d1"
 SIZE = 32
 CALIB = 16
 

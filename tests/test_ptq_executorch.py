@@ -1,6 +1,7 @@
 """Post-training quantization to ExecuTorch: the int8 and w8 programs are one XNNPACK delegate and
 compute what their PyTorch simulation computes (trained ConvFormer/CAFormer int8 at 32 px, random
 IdentityFormer w8 at 64 px; the thresholds and the trained fixture are explained in ``test_ptq.py``).
+The default run uses the one-block-per-stage variants (``small_models``), ``-m slow`` the S18 models.
 A module of its own so that pytest-xdist runs these lowerings beside ``test_ptq.py``'s ONNX ones.
 """
 
@@ -10,13 +11,17 @@ import pytest
 
 from mf_edge.pipeline import convert
 
-from ptq_checks import CALIB, SIZE, TRAINED_SIZE, check_manifest, check_quantized_parity, fp32_bytes
+from ptq_checks import CALIB, SIZE, TRAINED_SIZE, check_manifest, check_quantized_parity, int8_weight_bytes
 
 pytestmark = pytest.mark.usefixtures("quiet_with_own_cache")
 
 
-@pytest.mark.parametrize(("name", "precision"), [("convformer_s18", "int8"), ("caformer_s18", "int8"),
-                                                 ("identityformer_s12", "w8")])
+SLOW = pytest.mark.slow
+CASES = [("convformer_d1", "int8"), ("caformer_d1", "int8"), ("identityformer_d1", "w8"),
+         pytest.param("convformer_s18", "int8", marks=SLOW), pytest.param("caformer_s18", "int8", marks=SLOW)]
+
+
+@pytest.mark.parametrize(("name", "precision"), CASES)
 def test_executorch_quantized_is_delegated_to_xnnpack(name, precision, trained_weights, calib_dir, parity_dir,
                                                       tmp_path):
     int8 = precision == "int8"
@@ -25,10 +30,11 @@ def test_executorch_quantized_is_delegated_to_xnnpack(name, precision, trained_w
     result = convert(name, "executorch", precision, weights=weights, image_size=size,
                      images=parity_dir, output=tmp_path / "out", ptq_options=ptq)
     check_quantized_parity(result, precision)
-    # int8: every conv and linear int8 but depthwise; w8 (dynamic int8 linears): the convolutions stay fp32
-    limit = 0.30 if int8 else 0.40
+    # int8: every conv and linear int8 but depthwise; w8 (dynamic int8 linears): the convolutions stay fp32.
+    # 5% over those weights' bytes for scales and the program (a fp32 linear or conv would add 3 bytes
+    # per weight: ConvFormer-S18's head alone is 10% of the bound).
     scheme = "xnnpack-w8a8" if int8 else "xnnpack-dynamic-w8"
-    check_manifest(result, scheme, limit * fp32_bytes(name, weights, size))
+    check_manifest(result, scheme, 1.05 * int8_weight_bytes(name, weights, size, convolutions=int8))
     # The README's promise: the whole int8/w8 graph, quantize/dequantize included, is one XNNPACK
     # delegate (measured: ConvFormer int8 933 ops, CAFormer int8 1525, IdentityFormer w8 544, none
     # outside). The old bar, coverage > 0.95, let 46 of ConvFormer's ops fall back to portable kernels.

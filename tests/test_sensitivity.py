@@ -32,7 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def calibrated(cifar10_small: Path):
-    """convformer_s18 (split depthwise convs, permutes, MLP head) prepared for ExecuTorch and calibrated."""
+    """convformer_d1 (split depthwise convs, permutes, MLP head; one block per stage) prepared for
+    ExecuTorch and calibrated."""
     from mf_edge.calibration.data import load_calibration_set
     from mf_edge.calibration.graph import capture
     from mf_edge.calibration.quantize import QuantizeOptions, calibrate_graph
@@ -41,7 +42,7 @@ def calibrated(cifar10_small: Path):
 
     threads = torch.get_num_threads()  # restored after this module: later tests keep their threads
     torch.set_num_threads(1)
-    model = load_model("convformer_s18", "random", image_size=SIZE)
+    model = load_model("convformer_d1", "random", image_size=SIZE)
     spec = make_spec(model, get_target("executorch"), "int8", SIZE)
     prepared = prepare_for_target(model, spec, get_target("executorch"))
     # depthwise convolutions quantized too (ExecuTorch's scheme keeps them float): the split parts
@@ -69,8 +70,8 @@ def test_switches_compute_what_ptq_computes(calibrated) -> None:
     x = images[:6]
     float_logits = logits(variants.graph, x)
     assert np.array_equal(logits(variants.keeping_float([]), x), logits(pt2e(calibrated, ()), x))
-    kept = (variants.layers[0], variants.layers[7], "stages.0.1.token_mixer.dwconv")
-    assert "stages.0.1.token_mixer.dwconv" in variants.layers  # the three split parts are one layer
+    kept = (variants.layers[0], variants.layers[7], "stages.0.0.token_mixer.dwconv")
+    assert "stages.0.0.token_mixer.dwconv" in variants.layers  # the three split parts are one layer
     assert not [name for name in variants.layers if "norm" in name]  # a norm's mean convolutions are no layer
     np.testing.assert_array_equal(logits(variants.keeping_float(kept), x), logits(pt2e(calibrated, kept), x))
     assert np.array_equal(logits(variants.configure([], others=False), x), float_logits)
@@ -122,15 +123,15 @@ def test_sqnr_and_drop() -> None:
 def test_sensitivity_command_ranks_layers(cifar10_small: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "sensitivity.json"
     with pytest.raises(SystemExit) as done:
-        main(["sensitivity", "identityformer_s12", "--calib-data", str(cifar10_small / "val"), "--weights",
+        main(["sensitivity", "identityformer_d1", "--calib-data", str(cifar10_small / "val"), "--weights",
               "random", "--image-size", str(SIZE), "--calib-size", "12", "--eval-size", "12", "--observer",
               "minmax", "--max-drop", "0.2", "--threads", "1", "--out", str(out), "--quiet"])
     assert done.value.code in (0, None)
     report = json.loads(out.read_text())
     layers = report["layers"]
     names = [effect["layer"] for effect in layers]
-    # every conv and linear of identityformer_s12: stem + 3 downsamplings, 2 MLP linears x 12 blocks, head
-    assert len(names) == len(set(names)) == 4 + 2 * 12 + 1
+    # every conv and linear of identityformer_d1: stem + 3 downsamplings, 2 MLP linears x 4 blocks, head
+    assert len(names) == len(set(names)) == 4 + 2 * 4 + 1
     sqnr = [effect["sqnr_db"] for effect in layers]
     assert sqnr == sorted(sqnr) and all(math.isfinite(value) and value > 0 for value in sqnr)
     assert all(0.9 < effect["cosine"] <= 1.0 + 1e-9 for effect in layers)
@@ -143,7 +144,7 @@ def test_sensitivity_command_ranks_layers(cifar10_small: Path, tmp_path: Path, c
 
 def test_unknown_layer_pattern_is_a_user_error(cifar10_small: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as done:
-        main(["sensitivity", "identityformer_s12", "--calib-data", str(cifar10_small / "val"), "--weights",
+        main(["sensitivity", "identityformer_d1", "--calib-data", str(cifar10_small / "val"), "--weights",
               "random", "--image-size", str(SIZE), "--calib-size", "4", "--eval-size", "2", "--layers",
               "nope.*", "--out", str(tmp_path / "s.json"), "--quiet"])
     assert done.value.code == 2
@@ -157,7 +158,7 @@ def test_budgeted_convert_meets_its_budget(cifar10_small: Path, tmp_path: Path) 
     from mf_edge.pipeline import convert, load_model
 
     budget, calib_size = 0.05, 24
-    model = load_model("identityformer_s12", "random", image_size=SIZE)
+    model = load_model("identityformer_d1", "random", image_size=SIZE)
     result = convert(model, "onnx", "int8", image_size=SIZE, images=cifar10_small / "val",
                      output=tmp_path / "out",
                      ptq_options={"calib_data": cifar10_small / "train", "calib_size": calib_size,
