@@ -30,16 +30,19 @@ def one_block(name: str, base: str):
                                timm_hub_id=None)
 
 
-def register(quiet: bool | None = None) -> None:
-    """Register every variant in this process (idempotent); ``quiet`` also sets the console's notes
-    (the initializer of a spawned conversion process)."""
+def register() -> None:
+    """Register every variant in this process (idempotent)."""
     for name, base in ONE_BLOCK.items():
         if name not in REGISTRY:
             register_model(one_block(name, base))
-    if quiet is not None:
-        from mf_edge.console import set_quiet
 
-        set_quiet(quiet)
+
+def init_spawned_process() -> None:
+    """A spawned conversion process's initializer: the variants registered, the console quiet."""
+    from mf_edge.console import set_quiet
+
+    register()
+    set_quiet(True)
 
 
 def zoo_models(pattern: str | None = None) -> list[str]:

@@ -38,7 +38,7 @@ def conversions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Conversio
     root = tmp_path_factory.mktemp("executorch")
     workers = min(2, os.cpu_count() or 1)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=small_models.register, initargs=(True,)) as pool:
+                             initializer=small_models.init_spawned_process) as pool:
         futures = {name: pool.submit(convert, name, "executorch", weights="random", image_size=SIZE,
                                      output=root / name, **OPTIONS.get(name, {}))
                    for name in reversed(FAMILIES)}  # the largest graphs first

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 from torchvision.ops import StochasticDepth
 
 from mf_edge import UserError, count_macs, count_params, create_model, get_model_info, list_models
-from mf_edge.models import MetaFormer
+from mf_edge.models import MetaFormer, ModelInfo, register_model
 from mf_edge.models.factory import model_stats
 
 from small_models import zoo_models
@@ -135,14 +138,11 @@ def test_registered_model_round_trips_and_refuses_a_silent_replace() -> None:
     """Catches ``register_model`` overwriting a zoo entry without ``replace``, and a ``to_dict`` ->
     JSON -> ``from_dict`` trip (how bench workers learn a registered model) that loses the config's
     tuples (checked against ``from_dict`` without the tuple conversion: the config compared unequal)."""
-    import dataclasses
-    import json
-
-    from mf_edge.models import ModelInfo, register_model
-
     info = get_model_info("convformer_d1")  # registered by conftest (tests/small_models.py)
     assert info.config.depths == (1, 1, 1, 1)
     assert ModelInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
+    with pytest.raises(TypeError, match="takes a ModelInfo, not dict"):
+        register_model(info.to_dict())
     with pytest.raises(ValueError, match="already registered"):
         register_model(dataclasses.replace(info, name="convformer_s18"))
     assert get_model_info("convformer_s18").config.depths == (3, 3, 9, 3)

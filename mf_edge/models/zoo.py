@@ -157,6 +157,8 @@ def register_model(info: ModelInfo, *, replace: bool = False) -> ModelInfo:
     as the tests' one-block-per-stage variants are) or a fine-tuned head. An existing name is refused
     unless ``replace``. The registry is per process: register in each process that uses the name.
     """
+    if not isinstance(info, ModelInfo):
+        raise TypeError(f"register_model takes a ModelInfo, not {type(info).__name__}")
     if info.name in REGISTRY and not replace:
         raise ValueError(f"model {info.name!r} is already registered; pass replace=True to replace it")
     REGISTRY[info.name] = info
